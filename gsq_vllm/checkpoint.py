@@ -1,0 +1,252 @@
+"""Reading and checking model folders: plain Hugging Face ones and compressed-tensors checkpoints.
+
+:func:`inspect_checkpoint` reads only ``config.json`` and the safetensors headers (plus the tiny
+``weight_shape`` tensors), so it is cheap, and it refuses what we cannot serve or evaluate with an
+error that names the file, the layer and the expected vs found values. Both the evaluator and the
+vLLM plugin call it before loading anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gsq_vllm.packing import PackingError, PackLayout, detect_layout, layout_for_compressed_tensors_version
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+class CheckpointError(ValueError):
+    """A model folder or checkpoint that cannot be used as it is."""
+
+
+@dataclass(frozen=True)
+class WeightQuantization:
+    """The ``weights`` entry of one compressed-tensors config group (only what we use)."""
+
+    num_bits: int
+    group_size: int | None
+    symmetric: bool
+    strategy: str
+    type: str = "int"
+
+    @classmethod
+    def from_config(cls, cfg: dict, where: str) -> "WeightQuantization":
+        bits = cfg.get("num_bits")
+        if bits not in SUPPORTED_BITS:
+            raise CheckpointError(
+                f"{where}.num_bits = {bits!r} is not supported (expected one of {', '.join(map(str, SUPPORTED_BITS))})"
+            )
+        return cls(
+            num_bits=int(bits),
+            group_size=cfg.get("group_size"),
+            symmetric=bool(cfg.get("symmetric", True)),
+            strategy=str(cfg.get("strategy", "group")),
+            type=str(cfg.get("type", "int")),
+        )
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """One packed Linear of a ``pack-quantized`` checkpoint."""
+
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    packed_shape: tuple[int, int]
+    scale_shape: tuple[int, ...]
+    quant: WeightQuantization
+    layout: PackLayout
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    config: dict
+    quant_config: dict | None
+    format: str | None
+    layers: dict[str, PackedLinear] = field(default_factory=dict)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quant_config is not None
+
+    @property
+    def layouts(self) -> set[PackLayout]:
+        return {layer.layout for layer in self.layers.values()}
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors file (only safetensors checkpoints are supported)")
+    return files
+
+
+def _group_for(name: str, groups: dict[str, tuple[list[str], WeightQuantization]]) -> WeightQuantization | None:
+    module = name.rsplit(".", 1)[0] if name.endswith(".weight_packed") else name
+    matches = []
+    for targets, quant in groups.values():
+        for target in targets:
+            if target.startswith("re:"):
+                if re.match(target[3:], module):
+                    return quant
+            elif target in ("Linear", module) or module.endswith("." + target):
+                matches.append(quant)
+    return matches[0] if matches else (next(iter(groups.values()))[1] if len(groups) == 1 else None)
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Read and check a model folder without loading its weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model folder {path} does not exist" if not path.exists() else f"{path} is not a folder")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model folder?)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({err})") from err
+    quant_config = config.get("quantization_config")
+    info = CheckpointInfo(path=path, config=config, quant_config=quant_config, format=None)
+    if quant_config is None:
+        _safetensors_files(path)
+        return info
+    if quant_config.get("quant_method") != "compressed-tensors":
+        raise CheckpointError(
+            f"{config_file}: quant_method {quant_config.get('quant_method')!r} is not supported "
+            "(expected 'compressed-tensors')"
+        )
+    info.format = quant_config.get("format")
+    groups: dict[str, tuple[list[str], WeightQuantization]] = {}
+    for group_name, group in (quant_config.get("config_groups") or {}).items():
+        weights = group.get("weights")
+        if weights is None:
+            continue
+        where = f"{config_file}: config_groups.{group_name}.weights"
+        groups[group_name] = (list(group.get("targets", [])), WeightQuantization.from_config(weights, where))
+    if not groups:
+        raise CheckpointError(f"{config_file}: quantization_config has no config group with weights")
+    hint = layout_for_compressed_tensors_version(quant_config.get("version"))
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    weight_shapes: dict[str, tuple[int, int]] = {}
+    for file in _safetensors_files(path):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = list(handle.get_slice(key).get_shape())
+                if key.endswith(".weight_shape"):
+                    weight_shapes[key[: -len(".weight_shape")]] = tuple(int(v) for v in handle.get_tensor(key).tolist())
+    for key, packed_shape in shapes.items():
+        if not key.endswith(".weight_packed"):
+            continue
+        module = key[: -len(".weight_packed")]
+        quant = _group_for(key, groups)
+        if quant is None:
+            raise CheckpointError(f"{path}: layer {module} has packed weights but no config group targets it")
+        if module not in weight_shapes:
+            raise CheckpointError(f"{path}: layer {module} has weight_packed but no weight_shape")
+        out_features, in_features = weight_shapes[module]
+        if len(packed_shape) != 2 or packed_shape[0] != out_features:
+            raise CheckpointError(
+                f"{path}: layer {module}: weight_packed has shape {packed_shape}, expected "
+                f"[{out_features}, *] for weight_shape ({out_features}, {in_features})"
+            )
+        try:
+            layout = detect_layout(packed_shape[1], in_features, quant.num_bits, hint=hint, name=f"{module}.weight_packed")
+        except PackingError as err:
+            raise CheckpointError(f"{path}: {err}") from err
+        scale_key = module + ".weight_scale"
+        if scale_key not in shapes:
+            raise CheckpointError(f"{path}: layer {module} has weight_packed but no weight_scale")
+        scale_shape = tuple(shapes[scale_key])
+        if quant.strategy == "group" and quant.group_size:
+            if in_features % quant.group_size:
+                raise CheckpointError(
+                    f"{path}: layer {module}: group_size {quant.group_size} does not divide in_features {in_features}"
+                )
+            expected = (out_features, in_features // quant.group_size)
+            if scale_shape != expected:
+                raise CheckpointError(
+                    f"{path}: layer {module}: weight_scale has shape {list(scale_shape)}, expected {list(expected)}"
+                )
+        info.layers[module] = PackedLinear(
+            name=module,
+            shape=(out_features, in_features),
+            packed_shape=tuple(packed_shape),
+            scale_shape=scale_shape,
+            quant=quant,
+            layout=layout,
+        )
+    return info
+
+
+def installed_compressed_tensors_layout() -> PackLayout:
+    """The 3-bit layout that the installed compressed-tensors reads and writes."""
+    import compressed_tensors
+
+    layout = layout_for_compressed_tensors_version(getattr(compressed_tensors, "__version__", None))
+    return layout or PackLayout.DENSE
+
+
+def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a model folder for evaluation: plain weights, or a checkpoint decompressed to dense.
+
+    compressed-tensors checkpoints are decompressed by transformers. Where the checkpoint's 3-bit
+    layout is not the one the installed compressed-tensors reads (which would decode garbage
+    silently), the weights are decompressed by our packing module instead.
+    """
+    from transformers import AutoModelForCausalLM
+
+    info = inspect_checkpoint(path)
+    foreign = {layer.layout for layer in info.layers.values() if layer.quant.num_bits == 3}
+    foreign.discard(installed_compressed_tensors_layout())
+    if not info.is_quantized or not foreign:
+        model = AutoModelForCausalLM.from_pretrained(str(info.path), dtype=dtype)
+        return model.eval()
+    return _load_with_own_decompression(info, dtype).eval()
+
+
+def dequantize_packed(
+    packed: torch.Tensor, scale: torch.Tensor, layer: PackedLinear, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Dense weight ``[out, in]`` of one packed layer (symmetric, per-group scales)."""
+    from gsq_vllm.packing import unpack_codes
+
+    codes = unpack_codes(packed, layer.quant.num_bits, layer.shape[1], layer.layout, name=layer.name)
+    group = layer.quant.group_size or layer.shape[1]
+    if layer.quant.strategy == "channel":
+        group = layer.shape[1]
+    expanded = scale.to(torch.float32).repeat_interleave(group, dim=1)[:, : layer.shape[1]]
+    return (codes.to(torch.float32) * expanded).to(dtype)
+
+
+def _load_with_own_decompression(info: CheckpointInfo, dtype: torch.dtype) -> torch.nn.Module:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(info.path))
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state: dict[str, torch.Tensor] = {}
+    for file in _safetensors_files(info.path):
+        state.update(load_file(str(file)))
+    for name, layer in info.layers.items():
+        state[name + ".weight"] = dequantize_packed(
+            state.pop(name + ".weight_packed"), state.pop(name + ".weight_scale"), layer, dtype
+        )
+        state.pop(name + ".weight_shape", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"{info.path}: weights do not match the config: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model

@@ -1,0 +1,97 @@
+"""Accuracy of a (quantized) causal LM on held-out text: cross-entropy, perplexity, EAR and KL.
+
+* cross-entropy: mean next-token negative log-likelihood over every predicted position of every
+  window (the same average transformers' ``labels=`` loss takes when all windows have one length);
+  perplexity is its exponential.
+* EAR (expected acceptance rate): mean over positions of ``sum_v min(p(v), q(v))`` between the
+  reference's next-token distribution ``p`` and the candidate's ``q``; 1.0 for identical models.
+* KL: mean over positions of ``KL(p || q)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class EvalResult:
+    ce: float
+    ppl: float
+    tokens: int
+    windows: int
+    window_length: int
+    ear: float | None = None
+    kl: float | None = None
+    reference_ce: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids.to(device), use_cache=False).logits.float().cpu()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    reference: torch.nn.Module | None = None,
+    *,
+    batch_size: int = 1,
+    progress: bool = True,
+    description: str = "eval",
+) -> EvalResult:
+    """Evaluate ``model`` on token windows ``[count, length]``; EAR and KL against ``reference``."""
+    if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
+        raise ValueError(f"windows must be [count >= 1, length >= 2], got shape {tuple(windows.shape)}")
+    nll_sum = ref_nll_sum = ear_sum = kl_sum = 0.0
+    positions = 0
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc=description, disable=not progress, unit="batch"):
+        batch = windows[start : start + batch_size]
+        targets = batch[:, 1:].reshape(-1)
+        log_q = torch.log_softmax(_logits(model, batch)[:, :-1].reshape(-1, model.config.vocab_size), dim=-1)
+        nll_sum += float(-log_q.gather(1, targets[:, None]).sum())
+        positions += targets.numel()
+        if reference is not None:
+            log_p = torch.log_softmax(
+                _logits(reference, batch)[:, :-1].reshape(-1, reference.config.vocab_size), dim=-1
+            )
+            ref_nll_sum += float(-log_p.gather(1, targets[:, None]).sum())
+            p = log_p.exp()
+            ear_sum += float(torch.minimum(p, log_q.exp()).sum())
+            kl_sum += float((p * (log_p - log_q)).sum())
+            del p, log_p
+        del log_q
+    ce = nll_sum / positions
+    result = EvalResult(
+        ce=ce, ppl=math.exp(ce), tokens=positions, windows=windows.shape[0], window_length=windows.shape[1]
+    )
+    if reference is not None:
+        result.ear = ear_sum / positions
+        result.kl = kl_sum / positions
+        result.reference_ce = ref_nll_sum / positions
+    return result
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A small fixed-width text table (floats with 4 significant decimals)."""
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+        return str(value)
+
+    table = [[cell(row.get(col)) for col in columns] for row in rows]
+    widths = [max(len(col), *(len(r[i]) for r in table)) for i, col in enumerate(columns)]
+    lines = ["  ".join(col.ljust(w) for col, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in table]
+    return "\n".join(lines)

