@@ -202,10 +202,12 @@ def gemm(x: torch.Tensor, weight, split_k: bool = False, config: dict | None = N
         config = INTERPRETER_CONFIGS[variant]
     if config is not None and config["SPLIT_K"] > 1 and not split_k:
         raise ValueError("a SPLIT_K > 1 configuration needs split_k=True (an fp32 buffer)")
+    # The interpreter rounds fp32 -> bf16 inside a kernel wrongly, so there torch casts instead.
+    interpreted_bf16 = interpreting() and x.dtype == torch.bfloat16
     if split_k:
         out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     else:
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        out = torch.empty(M, N, dtype=torch.float32 if interpreted_bf16 else x.dtype, device=x.device)
     args = (
         x,
         weight.low_plane,
@@ -223,7 +225,7 @@ def gemm(x: torch.Tensor, weight, split_k: bool = False, config: dict | None = N
         BITS=weight.bits,
         LOW_BITS=weight.low_bits,
         GROUP_SIZE=weight.group_size,
-        DOT_IN_FP32=interpreting() and x.dtype == torch.bfloat16,
+        DOT_IN_FP32=interpreted_bf16,
     )
 
     def grid(opts):

@@ -23,12 +23,10 @@ def reference_matmul(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ dequantize(codes, scales).T (+ bias)``, computed in fp32, returned in ``x.dtype``."""
-    weight = dequantize(codes, scales, group_size)
-    out = x.to(torch.float32) @ weight.t()
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.to(x.dtype)
+    """``x @ dequantize(codes, scales).T`` computed in fp32 and rounded to ``x.dtype``; the bias
+    is then added in ``x.dtype``, as the kernels' callers (and vLLM) do."""
+    out = (x.to(torch.float32) @ dequantize(codes, scales, group_size).t()).to(x.dtype)
+    return out if bias is None else out + bias.to(x.dtype)
 
 
 def reference_from_planes(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:

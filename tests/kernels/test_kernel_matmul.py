@@ -1,0 +1,136 @@
+"""Kernels against the torch reference: every kernel, bit width, group size and dtype.
+
+Most cases use exact data (power-of-two scales, activations on a 1/8 grid; see conftest), where
+the kernel must equal the reference bit for bit, so a single misplaced code fails. A few cases
+use realistic random data with a rounding tolerance.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from gsq_vllm.kernels import (
+    GSQPackedWeight,
+    gsq_matmul,
+    prepare_weight,
+    reference_matmul,
+    select_kernel,
+)
+
+DTYPES = [torch.float16, torch.bfloat16]
+KERNELS = ["gemv_splitk", "gemm_splitk", "gemm"]
+ROWS_FOR = {"gemv_splitk": [1, 2], "gemm_splitk": [3, 16], "gemm": [17, 40]}
+
+
+def run_kernel(name: str, x: torch.Tensor, weight: GSQPackedWeight, config=None):
+    if name == "gemv_splitk":
+        from gsq_vllm.kernels.gemv_splitk import gemv_splitk
+
+        return gemv_splitk(x, weight, config)
+    from gsq_vllm.kernels.gemm import gemm
+
+    return gemm(x, weight, split_k=name == "gemm_splitk", config=config)
+
+
+def check_exact(make_exact_case, device, kernel, m, n, k, bits, group_size, dtype, config=None):
+    codes, scales, x = make_exact_case(m, n, k, bits, group_size, dtype, seed=m * 7 + n + bits)
+    weight = prepare_weight(codes.to(device), scales.to(device), bits, group_size)
+    out = run_kernel(kernel, x.to(device), weight, config)
+    expected = reference_matmul(x, codes, scales, group_size)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert torch.equal(out.cpu(), expected), (out.cpu() - expected).abs().max()
+
+
+# One case per (kernel, bits, dtype); group size, M and N rotate so that each value shows up,
+# N is never a multiple of the block, and K spans several groups.
+DEFAULT_CASES = [
+    (kernel, bits, dtype, group_size, ROWS_FOR[kernel][i % 2], n)
+    for i, (kernel, bits, dtype) in enumerate(itertools.product(KERNELS, [2, 3, 4], DTYPES))
+    for group_size, n in [([32, 64, 128][i % 3], [40, 72, 9][i % 3])]
+]
+
+
+@pytest.mark.parametrize("kernel, bits, dtype, group_size, m, n", DEFAULT_CASES)
+def test_exact(make_exact_case, device, kernel, bits, dtype, group_size, m, n):
+    k = max(256, 2 * group_size)
+    check_exact(make_exact_case, device, kernel, m, n, k, bits, group_size, dtype)
+
+
+# Explicit block shapes: splits that do not divide the steps, BLOCK_K not dividing K (masked
+# rows), BLOCK_K above the group size (scales per row of the tile), one-column blocks.
+CONFIG_CASES = [
+    ("gemv_splitk", 3, 32, 96, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3}),
+    ("gemv_splitk", 3, 128, 384, {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 1}),
+    ("gemv_splitk", 2, 32, 160, {"BLOCK_N": 8, "BLOCK_K": 128, "SPLIT_K": 2}),
+    ("gemv_splitk", 4, 64, 192, {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 4}),
+    ("gemm_splitk", 3, 32, 160, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3, "GROUP_M": 1}),
+    ("gemm_splitk", 2, 64, 192, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2, "GROUP_M": 1}),
+    ("gemm", 3, 32, 96, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 2}),
+    ("gemm", 4, 128, 384, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 1, "GROUP_M": 8}),
+]
+
+
+@pytest.mark.parametrize("kernel, bits, group_size, k, config", CONFIG_CASES)
+def test_exact_block_shapes(make_exact_case, device, kernel, bits, group_size, k, config):
+    m = {"gemv_splitk": 2, "gemm_splitk": 5, "gemm": 37}[kernel]
+    check_exact(
+        make_exact_case, device, kernel, m, 33, k, bits, group_size, torch.float16, config
+    )
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_realistic_data_within_rounding(device, bits, dtype):
+    """Gaussian activations and bf16 scales: within the rounding of the activation dtype."""
+    gen = torch.Generator().manual_seed(bits)
+    n, k, group_size = 48, 256, 64
+    from gsq_vllm.packing import code_range
+
+    low, high = code_range(bits)
+    codes = torch.randint(low, high + 1, (n, k), generator=gen, dtype=torch.int8)
+    scales = (torch.randn(n, k // group_size, generator=gen) * 0.02).to(torch.bfloat16)
+    weight = prepare_weight(codes.to(device), scales.to(device), bits, group_size)
+    weight_fp32 = codes.float() * scales.float().repeat_interleave(group_size, 1)
+    eps = torch.finfo(dtype).eps
+    for m in (1, 8, 24):  # one per kernel
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        out = gsq_matmul(x.to(device), weight).cpu().float()
+        expected = reference_matmul(x, codes, scales, group_size).float()
+        # the dequantized weight and the output are each rounded once to the activation dtype
+        bound = eps * (x.float().abs() @ weight_fp32.abs().t()) + eps * expected.abs() + 1e-6
+        assert ((out - expected).abs() <= bound).all(), (select_kernel(m), (out - expected).abs().max())
+
+
+def test_public_api_batches_and_bias(make_exact_case, device):
+    """gsq_matmul flattens leading dimensions, adds the bias and picks a kernel by M."""
+    codes, scales, x = make_exact_case(6, 24, 128, 3, 32, torch.bfloat16)
+    weight = prepare_weight(codes.to(device), scales.to(device), 3, 32)
+    bias = (torch.arange(24) / 4).to(torch.bfloat16)
+    out = gsq_matmul(x.view(2, 3, 128).to(device), weight, bias.to(device))
+    expected = reference_matmul(x, codes, scales, 32, bias).view(2, 3, 24)
+    assert torch.equal(out.cpu(), expected)
+    assert [select_kernel(m) for m in (1, 2, 3, 16, 17, 4096)] == [
+        "gemv_splitk", "gemv_splitk", "gemm_splitk", "gemm_splitk", "gemm", "gemm"
+    ]
+
+
+def test_weight_round_trip(make_exact_case, device):
+    codes, scales, _ = make_exact_case(1, 17, 96, 3, 32, torch.float16)
+    weight = prepare_weight(codes.to(device), scales.to(device), 3, 32)
+    assert torch.equal(weight.codes().cpu(), codes)
+    assert weight.scales.shape == (3, 17) and weight.scales.is_contiguous()
+
+
+@pytest.mark.large_sweep
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_exact_large_sweep(make_exact_case, device, kernel, bits, group_size, dtype):
+    rows = {"gemv_splitk": [1, 2], "gemm_splitk": [3, 7, 16], "gemm": [17, 33, 64, 100]}[kernel]
+    for m, n, k_groups in itertools.product(rows, [1, 31, 64, 130], [1, 3, 8]):
+        k = group_size * k_groups
+        check_exact(make_exact_case, device, kernel, m, n, k, bits, group_size, dtype)
