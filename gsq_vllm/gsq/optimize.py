@@ -1,0 +1,264 @@
+"""GSQ's optimisation loop: Lion on logits and scales, annealed temperature, two objectives.
+
+* :func:`optimize_layer`: one Linear, objective ``||(W - W_soft) L||_F^2 / ||W L||_F^2`` with
+  ``H = L L^T`` the damped calibration Hessian (cost independent of the token count).
+* :func:`optimize_block`: several Linears trained jointly on a block's output (e.g. a whole MLP:
+  gate, up and down) over cached calibration inputs, relative MSE against the original output.
+
+Both start from given codes and scales (GPTQ's, by default), return the final codes and scales,
+and never return something worse than the start on the calibration objective: if the argmax of
+the trained logits loses to the initial codes, the initial codes are kept (and that is reported).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from gsq_vllm.gsq.grids import Grid, dequantize
+from gsq_vllm.gsq.relaxation import RelaxedWeight
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GSQConfig:
+    """Optimisation settings. Defaults are sized for a CPU budget (100 steps); the paper used
+    hundreds to thousands of steps with tau 2 -> 0.05, kappa 100 -> 500."""
+
+    steps: int = 100
+    lr_logits: float = 2e-3
+    lr_scales: float = 1e-4
+    weight_decay: float = 1.0  # decoupled, logits only
+    betas: tuple[float, float] = (0.9, 0.95)
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction
+    tau: tuple[float, float] = (2.0, 0.5)  # linear anneal, start -> end
+    kappa: tuple[float, float] = (100.0, 500.0)  # logit multiplier, start -> end
+    logit_std: float = 0.01
+    prior_strength: float = 6.0
+    tokens_per_step: int = 2048  # block objective: calibration tokens per step
+    logits_dtype: str = "float32"  # or "bfloat16" to halve the logits' memory
+    seed: int = 0
+    dampening: float = 0.01  # layer objective: fraction of mean(diag H) added to the diagonal
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.logits_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"logits_dtype must be float32 or bfloat16, got {self.logits_dtype!r}")
+        if min(self.tau) <= 0:
+            raise ValueError(f"temperatures must be positive, got {self.tau}")
+
+
+@dataclass
+class GSQResult:
+    codes: dict[str, torch.Tensor]
+    scales: dict[str, torch.Tensor]
+    initial_loss: float
+    final_loss: float
+    kept_initial: bool = False
+    history: list[float] = field(default_factory=list)
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023): sign of an interpolated momentum, decoupled weight decay."""
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad.to(torch.float32)
+                state = self.state[param]
+                if "momentum" not in state:
+                    state["momentum"] = torch.zeros_like(param, dtype=torch.float32)
+                momentum = state["momentum"]
+                update = (beta1 * momentum + (1 - beta1) * grad).sign_()
+                if group["weight_decay"]:
+                    param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(update.to(param.dtype), alpha=-group["lr"])
+                momentum.mul_(beta2).add_(grad, alpha=1 - beta2)
+
+
+def _schedule(start: float, end: float, step: int, steps: int) -> float:
+    return start + (end - start) * (step / max(steps - 1, 1))
+
+
+def _cosine(step: int, steps: int, min_ratio: float) -> float:
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name}: weight has NaN or Inf values; GSQ cannot quantize it")
+
+
+def _make_relaxed(
+    weights: dict[str, torch.Tensor], codes: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
+    grid: Grid, config: GSQConfig, generator: torch.Generator,
+) -> dict[str, RelaxedWeight]:
+    relaxed = {}
+    for name in weights:
+        _check_finite(name, weights[name])
+        relaxed[name] = RelaxedWeight(
+            grid, codes[name], scales[name], logit_std=config.logit_std, prior_strength=config.prior_strength,
+            logits_dtype=getattr(torch, config.logits_dtype), generator=generator,
+        )
+    return relaxed
+
+
+def _train(
+    relaxed: dict[str, RelaxedWeight],
+    loss_fn: Callable[[dict[str, torch.Tensor], int], torch.Tensor],
+    config: GSQConfig,
+    description: str,
+    progress: bool,
+) -> list[float]:
+    """The shared loop: sample soft weights, take a Lion step, anneal tau/kappa, decay lr."""
+    optimizer = Lion(
+        [
+            {"params": [r.logits for r in relaxed.values()], "lr": config.lr_logits, "weight_decay": config.weight_decay},
+            {"params": [r.scales for r in relaxed.values()], "lr": config.lr_scales, "weight_decay": 0.0},
+        ],
+        betas=config.betas,
+    )
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    history = []
+    for step in tqdm(range(config.steps), desc=description, disable=not progress, leave=False):
+        tau = _schedule(*config.tau, step, config.steps)
+        kappa = _schedule(*config.kappa, step, config.steps)
+        factor = _cosine(step, config.steps, config.min_lr_ratio)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        noise_seed = config.seed * 1_000_003 + step
+        soft = {
+            name: r.soft_weight(kappa, tau, noise_seed + 7919 * index) for index, (name, r) in enumerate(relaxed.items())
+        }
+        loss = loss_fn(soft, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss))
+    return history
+
+
+def _finish(
+    relaxed: dict[str, RelaxedWeight],
+    init_codes: dict[str, torch.Tensor],
+    init_scales: dict[str, torch.Tensor],
+    hard_loss: Callable[[dict[str, torch.Tensor]], float],
+    history: list[float],
+    label: str,
+) -> GSQResult:
+    codes = {name: r.hard_codes() for name, r in relaxed.items()}
+    scales = {name: r.scales.detach().clone() for name, r in relaxed.items()}
+    initial = hard_loss({n: dequantize(init_codes[n], init_scales[n]) for n in relaxed})
+    final = hard_loss({n: dequantize(codes[n], scales[n]) for n in relaxed})
+    if not final < initial:  # also catches NaN
+        logger.info("%s: GSQ result %.5g did not beat its start %.5g; keeping the initial codes", label, final, initial)
+        return GSQResult(
+            {n: c.clone() for n, c in init_codes.items()}, {n: s.clone().float() for n, s in init_scales.items()},
+            initial, initial, kept_initial=True, history=history,
+        )
+    return GSQResult(codes, scales, initial, final, history=history)
+
+
+def hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Lower Cholesky factor L of the damped Hessian (H + d * mean(diag H) * I = L L^T)."""
+    hessian = hessian.to(torch.float32).clone()
+    diag = torch.diagonal(hessian)
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag.add_(dampening * diag.mean())
+    factor, info = torch.linalg.cholesky_ex(hessian)
+    if info.item() != 0:
+        raise ValueError("the calibration Hessian is not positive definite even after dampening; raise dampening")
+    return factor
+
+
+@torch.no_grad()
+def layer_objective(weight: torch.Tensor, quantized: torch.Tensor, factor: torch.Tensor) -> float:
+    reference = (weight.to(torch.float32) @ factor).square().sum()
+    return float(((weight.to(torch.float32) - quantized) @ factor).square().sum() / reference)
+
+
+def optimize_layer(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    grid: Grid,
+    config: GSQConfig = GSQConfig(),
+    *,
+    name: str = "layer",
+    progress: bool = True,
+) -> GSQResult:
+    """GSQ on one Linear ``weight [out, in]`` with its calibration Hessian ``[in, in]``."""
+    generator = torch.Generator(device=weight.device).manual_seed(config.seed)
+    relaxed = _make_relaxed({name: weight}, {name: codes}, {name: scales}, grid, config, generator)
+    factor = hessian_factor(hessian, config.dampening)
+    target = weight.detach().to(torch.float32)
+    norm = (target @ factor).square().sum()
+
+    def loss_fn(soft, _step):
+        return ((target - soft[name]) @ factor).square().sum() / norm
+
+    history = _train(relaxed, loss_fn, config, f"GSQ {name}", progress)
+    return _finish(
+        relaxed, {name: codes}, {name: scales},
+        lambda q: layer_objective(target, q[name], factor), history, name,
+    )
+
+
+def optimize_block(
+    forward: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+    weights: dict[str, torch.Tensor],
+    inputs: torch.Tensor,
+    codes: dict[str, torch.Tensor],
+    scales: dict[str, torch.Tensor],
+    grid: Grid,
+    config: GSQConfig = GSQConfig(),
+    *,
+    name: str = "block",
+    progress: bool = True,
+    eval_tokens: int = 16384,
+) -> GSQResult:
+    """GSQ on several Linears at once, matching ``forward(original weights, x)``.
+
+    ``forward(weights, x)`` runs the block with the given weights; ``inputs`` are its cached
+    calibration inputs ``[tokens, hidden]`` (from the already-quantized model, so errors of earlier
+    layers are compensated). Each step takes ``config.tokens_per_step`` random tokens.
+    """
+    inputs = inputs.reshape(-1, inputs.shape[-1])
+    if inputs.shape[0] < 1:
+        raise ValueError(f"{name}: no calibration tokens")
+    generator = torch.Generator(device=inputs.device).manual_seed(config.seed)
+    relaxed = _make_relaxed(weights, codes, scales, grid, config, generator)
+    originals = {n: w.detach().to(torch.float32) for n, w in weights.items()}
+    with torch.no_grad():
+        targets = torch.cat([forward(originals, chunk) for chunk in inputs.split(8192)])
+    power = targets.square().mean().clamp_min(1e-12)
+    batch = min(config.tokens_per_step, inputs.shape[0])
+
+    def loss_fn(soft, step):
+        index = torch.randperm(inputs.shape[0], generator=generator, device=inputs.device)[:batch]
+        return (forward(soft, inputs[index]) - targets[index]).square().mean() / power
+
+    history = _train(relaxed, loss_fn, config, f"GSQ {name}", progress)
+    held = torch.randperm(inputs.shape[0], generator=torch.Generator().manual_seed(config.seed + 1))[:eval_tokens]
+
+    @torch.no_grad()
+    def hard_loss(quantized):
+        return float((forward(quantized, inputs[held]) - targets[held]).square().mean() / power)
+
+    return _finish(relaxed, codes, scales, hard_loss, history, name)
