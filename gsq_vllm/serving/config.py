@@ -1,0 +1,111 @@
+"""``GSQConfig``: vLLM's compressed-tensors config, with 2/3-bit weight-only layers served by GSQ.
+
+Everything stock vLLM already does for compressed-tensors (4/8-bit WNA16, FP8, ignored layers,
+KV-cache schemes, transforms) is inherited unchanged; only the scheme chosen for a 2/3-bit
+symmetric weight-only ``pack-quantized`` layer is replaced by :class:`CompressedTensorsGSQ`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+from vllm.platforms import current_platform
+
+from gsq_vllm.packing import layout_for_compressed_tensors_version
+from gsq_vllm.serving.claim import GSQ_BITS, METHOD_NAME, PACK_QUANTIZED, override_method
+from gsq_vllm.serving.scheme import CompressedTensorsGSQ
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": shown by vLLM's log config
+
+
+def _weight_only_int(weight_quant: Any, input_quant: Any) -> bool:
+    return (
+        weight_quant is not None
+        and input_quant is None
+        and str(getattr(weight_quant.type, "value", weight_quant.type)) == "int"
+        and bool(weight_quant.symmetric)
+        and not weight_quant.dynamic
+        and str(getattr(weight_quant.strategy, "value", weight_quant.strategy)) in ("group", "channel")
+    )
+
+
+def is_gsq_layer(weight_quant: Any, input_quant: Any, fmt: str | None) -> bool:
+    """A layer the plugin serves: 2/3-bit symmetric int, weight-only, pack-quantized."""
+    return fmt == PACK_QUANTIZED and _weight_only_int(weight_quant, input_quant) and weight_quant.num_bits in GSQ_BITS
+
+
+class GSQConfig(CompressedTensorsConfig):
+    """Registered as ``gsq``; claims 2/3-bit compressed-tensors checkpoints (see ``claim.py``)."""
+
+    def get_name(self) -> str:
+        return METHOD_NAME
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
+        method = override_method(hf_quant_cfg, user_quant)
+        if method is not None:
+            logger.info("GSQ plugin serves this compressed-tensors checkpoint (--quantization %s)", method)
+        return method
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "GSQConfig":
+        self = super().from_config(config)
+        # only breaks ties where both 3-bit layouts give the same width (tiny inputs)
+        self.gsq_layout_hint = layout_for_compressed_tensors_version(config.get("version"))
+        return self
+
+    def _get_scheme_from_parts(
+        self,
+        weight_quant,
+        input_quant,
+        output_quant=None,
+        format: str | None = None,
+        layer_name: str | None = None,
+    ):
+        fmt = format if format is not None else self.quant_format
+        if output_quant is None and fmt == PACK_QUANTIZED and _weight_only_int(weight_quant, input_quant):
+            if weight_quant.num_bits not in (4, 8):  # 2/3 bits served here; 5-7 refused with the layer name
+                return CompressedTensorsGSQ(
+                    num_bits=weight_quant.num_bits,
+                    strategy=str(getattr(weight_quant.strategy, "value", weight_quant.strategy)),
+                    group_size=weight_quant.group_size,
+                    layer_name=layer_name,
+                    layout_hint=getattr(self, "gsq_layout_hint", None),
+                )
+        return super()._get_scheme_from_parts(
+            weight_quant=weight_quant,
+            input_quant=input_quant,
+            output_quant=output_quant,
+            format=format,
+            layer_name=layer_name,
+        )
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+        if isinstance(layer, RoutedExperts):
+            self._check_experts(layer, prefix)
+        return super().get_quant_method(layer, prefix)
+
+    def _check_experts(self, layer: torch.nn.Module, prefix: str) -> None:
+        """Fused MoE experts: stock vLLM's MoE path on CUDA, a clear refusal elsewhere."""
+        self._add_fused_moe_to_target_scheme_map()
+        proj = getattr(layer, "ckpt_down_proj_name", "down_proj")
+        scheme = self.get_scheme_dict(layer, f"{prefix}.0.{proj}") or self.get_scheme_dict(layer, prefix)
+        if not scheme:
+            return
+        weights, inputs = scheme.get("weights"), scheme.get("input_activations")
+        if not is_gsq_layer(weights, inputs, scheme.get("format") or self.quant_format):
+            return
+        if current_platform.is_cuda():
+            logger.info("GSQ: %s: %d-bit experts go to stock vLLM's compressed-tensors MoE path", prefix, weights.num_bits)
+            return
+        raise ValueError(
+            f"{prefix}: {weights.num_bits}-bit GSQ mixture-of-experts weights are not supported on this "
+            f"platform ({current_platform.device_name}): the gsq plugin serves dense Linear layers only, "
+            "and stock vLLM has no 2/3-bit fused-MoE kernel here. Quantize the experts with 4 bits "
+            "(or leave them in the checkpoint's ignore list) to serve this model."
+        )

@@ -1,0 +1,140 @@
+"""Make the checkpoints the serving tests and the serving benchmark use (run it with .venv/bin/python).
+
+The serving environment has no llmcompressor (its compressed-tensors is 0.17, llmcompressor 0.14
+needs 0.19), so the serve-env tests and ``benchmarks/serve_throughput.py`` call this script in
+the quantize environment in a subprocess and cache what it writes.
+
+Kinds (all group size 64, symmetric int, weight-only, ``lm_head`` kept in full precision):
+
+* ``gsq-w2``, ``gsq-w3``: round-to-nearest (``QuantizationModifier``), which writes exactly the GSQ
+  on-disk format (2/3-bit codes, group scales); compressed-tensors 0.19 writes the dense layout.
+* ``gsq-w3-old``: ``gsq-w3`` rewritten into the word-aligned 3-bit layout of compressed-tensors
+  0.17 (10 codes a word), with ``version`` 0.17.0 in config.json.
+* ``gptq-w4``: ``GPTQModifier`` W4A16 group 64, the stock-vLLM baseline of the benchmark.
+
+Usage: ``python tests/serving/make_checkpoints.py KIND OUTPUT_DIR [--model DIR]``.
+Each checkpoint is written to a temporary folder and renamed into place, so a cached folder is
+always complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+KINDS = ("gsq-w2", "gsq-w3", "gsq-w3-old", "gptq-w4")
+GROUP_SIZE = 64
+
+
+def _scheme(bits: int) -> dict:
+    return {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": bits,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": GROUP_SIZE,
+            },
+        }
+    }
+
+
+def _calibration_dataset(tokenizer, samples: int = 16, seq_len: int = 256):
+    from datasets import Dataset
+
+    from gsq_vllm.data import text_path
+
+    text = text_path("calibration").read_text()
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    rows = [ids[i * seq_len : (i + 1) * seq_len].tolist() for i in range(samples)]
+    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * seq_len for _ in rows]})
+
+
+def quantize(kind: str, model_dir: Path, out: Path) -> None:
+    """Run llmcompressor's oneshot for ``gsq-w2``/``gsq-w3`` (RTN) or ``gptq-w4`` (GPTQ)."""
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if kind == "gptq-w4":
+        recipe = GPTQModifier(config_groups=_scheme(4), ignore=["lm_head"])
+        dataset = _calibration_dataset(tokenizer)
+        oneshot(
+            model=model,
+            recipe=recipe,
+            dataset=dataset,
+            processor=tokenizer,
+            num_calibration_samples=len(dataset),
+            max_seq_length=256,
+            output_dir=str(out),
+            save_compressed=True,
+        )
+    else:
+        bits = int(kind[-1])
+        recipe = QuantizationModifier(config_groups=_scheme(bits), ignore=["lm_head"])
+        oneshot(model=model, recipe=recipe, output_dir=str(out), save_compressed=True)
+    tokenizer.save_pretrained(str(out))
+
+
+def rewrite_word_aligned(source: Path, out: Path) -> None:
+    """Copy a dense-layout 3-bit checkpoint into the word-aligned (compressed-tensors 0.17) layout."""
+    from safetensors.torch import load_file, save_file
+
+    from gsq_vllm.checkpoint import inspect_checkpoint
+    from gsq_vllm.packing import PackLayout, pack_codes, unpack_codes
+
+    info = inspect_checkpoint(source)
+    shutil.copytree(source, out)
+    for file in sorted(out.glob("*.safetensors")):
+        state = load_file(str(file))
+        for key in list(state):
+            if not key.endswith(".weight_packed"):
+                continue
+            layer = info.layers[key[: -len(".weight_packed")]]
+            codes = unpack_codes(state[key], layer.quant.num_bits, layer.shape[1], layer.layout, name=key)
+            state[key] = pack_codes(codes, layer.quant.num_bits, PackLayout.WORD_ALIGNED)
+        save_file(state, str(file), metadata={"format": "pt"})
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"]["version"] = "0.17.0"
+    config_file.write_text(json.dumps(config, indent=2))
+
+
+def make(kind: str, out: Path, model_dir: Path) -> Path:
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if kind == "gsq-w3-old":
+        source = make("gsq-w3", out.with_name("gsq-w3"), model_dir)
+        rewrite_word_aligned(source, tmp)
+    else:
+        quantize(kind, model_dir, tmp)
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gsq_vllm.data import default_model_dir
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--model", type=Path, default=None)
+    args = parser.parse_args(argv)
+    path = make(args.kind, args.output_dir, args.model or default_model_dir())
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
