@@ -113,7 +113,10 @@ class CompressedTensorsGSQ(CompressedTensorsScheme):
             layout_hint=self.layout_hint,
         )
         scale_data = torch.empty(out_pp, shard.scale_columns, dtype=params_dtype)
-        scale_loader = _recording(layer, "weight_scale", _checked_scale_loader(self.layer_name, weight_loader))
+        on_disk_columns = shard.input_size // shard.group_size
+        scale_loader = _recording(
+            layer, "weight_scale", _checked_scale_loader(self.layer_name, on_disk_columns, weight_loader)
+        )
         if shard.group_size < input_size:
             scale = GroupQuantScaleParameter(output_dim=0, input_dim=1, data=scale_data, weight_loader=scale_loader)
         else:  # channel-wise: one scale per row, the same on every row-parallel rank
@@ -168,13 +171,14 @@ def _recording(layer: torch.nn.Module, name: str, loader: Callable) -> Callable:
     return load
 
 
-def _checked_scale_loader(layer_name: str, loader: Callable) -> Callable:
-    """vLLM's scale loader asserts on a shape mismatch; say which layer and which shapes instead."""
+def _checked_scale_loader(layer_name: str, columns: int, loader: Callable) -> Callable:
+    """Check the checkpoint's scale columns (vLLM would silently cut a too-wide tensor for a
+    row-parallel layer) and turn vLLM's bare shape assertions into errors that name the layer."""
 
     def load(param, loaded_weight, *args, **kwargs):
-        if loaded_weight.ndim != 2:
+        if loaded_weight.ndim != 2 or loaded_weight.shape[1] != columns:
             raise GSQLoadError(
-                f"{layer_name}.weight_scale: expected a 2-D tensor [out, in / group_size], "
+                f"{layer_name}.weight_scale: expected [out, {columns}] (in_features / group_size), "
                 f"found shape {list(loaded_weight.shape)}"
             )
         try:

@@ -52,7 +52,7 @@ class GSQTorchInt4CPULinearKernel(GSQLinearKernel):
     def apply_weights(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1]).contiguous()  # the op refuses strided activations
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             rows, layer.gsq_int4_weight, self.group_size, layer.gsq_scales_zeros
         )

@@ -1,0 +1,110 @@
+"""Helpers shared by the serving tests and scripts (imported as ``serving_support``: pytest puts
+this folder on sys.path). Checkpoints are made by ``make_checkpoints.py`` run with
+``.venv/bin/python`` (llmcompressor lives there, not in the serving env) and cached under
+``.cache/gsq-vllm/checkpoints/<kind>``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gsq_vllm.packing import code_range
+
+REPO = Path(__file__).resolve().parents[2]
+QUANTIZE_PYTHON = REPO / ".venv" / "bin" / "python"
+MAKE_CHECKPOINTS = Path(__file__).with_name("make_checkpoints.py")
+
+
+def checkpoint_dir(kind: str) -> Path:
+    from gsq_vllm.data import cache_dir
+
+    return cache_dir() / "checkpoints" / kind
+
+
+def get_checkpoint(kind: str, timeout: float = 1200) -> Path:
+    """The cached checkpoint ``kind`` (see make_checkpoints.KINDS), made on first use."""
+    path = checkpoint_dir(kind)
+    if (path / "config.json").is_file():
+        return path
+    if not QUANTIZE_PYTHON.exists():
+        pytest.skip(f"{QUANTIZE_PYTHON} (the quantize environment) is missing: cannot make {kind}")
+    from gsq_vllm.data import default_model_dir
+
+    if not (default_model_dir() / "config.json").is_file():
+        pytest.skip(f"the default model is not prepared at {default_model_dir()} (run scripts/setup.sh)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [str(QUANTIZE_PYTHON), str(MAKE_CHECKPOINTS), kind, str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"making checkpoint {kind} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_python(script: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a Python snippet with this interpreter (fresh vLLM process state)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+
+
+def quant_config(bits: int, **weights) -> dict:
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64, **weights},
+            }
+        },
+        "ignore": ["lm_head"],
+        "version": "0.19.0",
+    }
+
+
+
+GROUP = 64
+
+
+def random_codes(rows: int, cols: int, bits: int, seed: int = 0) -> torch.Tensor:
+    low, high = code_range(bits)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high + 1, (rows, cols), generator=generator, dtype=torch.int8)
+
+
+def random_scales(rows: int, groups: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed + 1)
+    signs = torch.where(torch.rand(rows, groups, generator=generator) < 0.2, -1.0, 1.0)  # GSQ scales may be negative
+    return (signs * (0.01 + 0.02 * torch.rand(rows, groups, generator=generator))).to(torch.bfloat16)
+
+
+def reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    weight = codes.float() * scales.float().repeat_interleave(GROUP, dim=1)
+    return x.float() @ weight.t()
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    err = (y.float() - ref).abs().max().item()
+    bound = 0.02 * ref.abs().max().item() + 1e-3  # bf16 output rounding, well below any layout error
+    assert err <= bound, f"{what}: max error {err:.4g} > {bound:.4g}"
+
+

@@ -1,0 +1,400 @@
+"""Fast tests of the vLLM plugin in the serving environment: registration, claiming, the scheme on
+real vLLM linear layers (both 3-bit layouts, simulated tensor parallelism), every CPU kernel
+against a torch reference, the selector, and the load-time errors."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.serve
+vllm = pytest.importorskip("vllm")
+
+from gsq_vllm.packing import PackLayout, pack_codes, unpack_gptq_int4  # noqa: E402
+from gsq_vllm.serving.claim import KERNEL_ENV  # noqa: E402
+
+from serving_support import (  # noqa: E402
+    GROUP,
+    assert_close,
+    quant_config,
+    random_codes,
+    random_scales,
+    reference,
+    run_python,
+)
+
+
+def gsq_config(bits: int, version: str = "0.19.0", **weights):
+    from gsq_vllm.serving.config import GSQConfig
+
+    return GSQConfig.from_config({**quant_config(bits, **weights), "version": version})
+
+
+# ----------------------------------------------------------------------------------------------
+# registration and claiming
+# ----------------------------------------------------------------------------------------------
+
+
+def test_entry_point_is_declared():
+    points = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert any(p.name == "gsq" and p.value == "gsq_vllm.serving:register" for p in points)
+
+
+def test_vllm_plugin_loading_registers_gsq_once():
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+    from vllm.plugins import load_general_plugins
+
+    import gsq_vllm.serving
+    from gsq_vllm.serving.config import GSQConfig
+
+    load_general_plugins()
+    gsq_vllm.serving.register()
+    gsq_vllm.serving.register()
+    assert QUANTIZATION_METHODS.count("gsq") == 1
+    assert get_quantization_config("gsq") is GSQConfig
+
+
+def test_disable_env_registers_nothing():
+    result = run_python(
+        "import gsq_vllm.serving as s; s.register();"
+        "from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS;"
+        "print('REGISTERED' if 'gsq' in QUANTIZATION_METHODS else 'STOCK')",
+        env={"GSQ_VLLM_DISABLE": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "STOCK"
+
+
+def test_override_claims_2_3_bit_only(monkeypatch):
+    from gsq_vllm.serving.config import GSQConfig
+
+    monkeypatch.delenv("GSQ_VLLM_DISABLE", raising=False)
+    assert GSQConfig.override_quantization_method(quant_config(2), None) == "gsq"
+    assert GSQConfig.override_quantization_method(quant_config(3), None) == "gsq"
+    assert GSQConfig.override_quantization_method(quant_config(4), None) is None
+    assert GSQConfig.override_quantization_method(quant_config(4), "gsq") == "gsq"
+
+
+def test_schemes_gsq_for_2_3_bit_stock_for_4_bit(vllm_tp1):
+    from compressed_tensors.quantization import QuantizationArgs
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import CompressedTensorsWNA16
+
+    from gsq_vllm.serving.scheme import CompressedTensorsGSQ, GSQLoadError
+
+    config = gsq_config(3)
+    assert config.get_name() == "gsq"
+
+    def scheme(bits):
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=GROUP)
+        return config._get_scheme_from_parts(args, None, layer_name="model.layers.0.mlp.down_proj")
+
+    assert isinstance(scheme(2), CompressedTensorsGSQ) and isinstance(scheme(3), CompressedTensorsGSQ)
+    assert isinstance(scheme(4), CompressedTensorsWNA16) and isinstance(scheme(8), CompressedTensorsWNA16)
+    with pytest.raises(GSQLoadError, match=r"model.layers.0.mlp.down_proj: num_bits 5 is not served"):
+        scheme(5)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels and the selector
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_config(k: int, n: int, bits: int, group: int = GROUP, act=torch.bfloat16):
+    from vllm.model_executor.kernels.linear import MPLinearLayerConfig
+
+    from gsq_vllm.serving.scheme import GSQ_SCALAR_TYPES
+
+    return MPLinearLayerConfig((k, n), (k, n), GSQ_SCALAR_TYPES[bits], act, group, False)
+
+
+CPU_KERNELS = ["torch-int4", "cpu-wna16", "dequant"]
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("name", CPU_KERNELS)
+def test_cpu_kernels_match_reference(vllm_tp1, name, bits):
+    from gsq_vllm.serving.kernels import KERNELS_BY_NAME
+
+    k, n = 576, 192
+    kernel_cls = KERNELS_BY_NAME[name]
+    ok, reason = kernel_cls.can_implement(layer_config(k, n, bits))
+    if not ok:
+        pytest.skip(f"{name} unavailable here: {reason}")
+    codes, scales = random_codes(n, k, bits), random_scales(n, k // GROUP)
+    layer = torch.nn.Module()
+    layer.bias = None
+    layer.gsq_codes, layer.gsq_scales = codes, scales
+    kernel = kernel_cls(layer_config(k, n, bits), layer_name="test")
+    kernel.process_weights_after_loading(layer)
+    assert not hasattr(layer, "gsq_codes")
+    for rows in (1, 5):
+        x = torch.randn(2, rows, k).to(torch.bfloat16)  # 3-D input: the kernels flatten and restore
+        y = kernel.apply_weights(layer, x)
+        assert y.shape == (2, rows, n) and y.dtype == torch.bfloat16
+        assert_close(y, reference(x, codes, scales), f"{name} {bits}-bit M={rows}")
+    bias = torch.randn(n).to(torch.bfloat16)
+    x = torch.randn(3, k).to(torch.bfloat16)
+    assert_close(kernel.apply_weights(layer, x, bias), reference(x, codes, scales) + bias.float(), f"{name} bias")
+
+
+def test_gptq_int4_repack_for_marlin_and_cpu_wna16(vllm_tp1):
+    """The int4 container handed to Marlin / CPU WNA16 holds exactly the GSQ codes and scales."""
+    from gsq_vllm.serving.kernels.cpu_wna16 import gptq_parameters
+
+    codes, scales = random_codes(128, 256, 3), random_scales(128, 4)
+    qweight, scale = gptq_parameters(codes, scales)
+    assert qweight.shape == (256 // 8, 128) and (qweight.input_dim, qweight.output_dim, qweight.packed_dim) == (0, 1, 0)
+    assert torch.equal(unpack_gptq_int4(qweight.data), codes)
+    assert torch.equal(scale.data, scales) and (scale.output_dim, scale.input_dim) == (0, 1)
+
+
+def test_marlin_config_channel_wise_becomes_minus_one():
+    from gsq_vllm.serving.kernels.marlin import marlin_config
+    from vllm.scalar_type import scalar_types
+
+    assert marlin_config(layer_config(512, 256, 3, group=512)).group_size == -1
+    c = marlin_config(layer_config(512, 256, 2, group=64))
+    assert c.group_size == 64 and c.weight_type == scalar_types.uint4b8
+
+
+def test_selector_default_forced_and_reasons(vllm_tp1, monkeypatch):
+    from gsq_vllm.serving.kernels import GSQKernelSelectionError, choose_gsq_kernel
+
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    assert choose_gsq_kernel(layer_config(576, 192, 3)).name == "torch-int4"
+    # N not a multiple of 16: no int4 kernel fits, the dense fallback does
+    assert choose_gsq_kernel(layer_config(576, 200, 3)).name in ("cpu-wna16", "dequant")
+    monkeypatch.setenv(KERNEL_ENV, "dequant")
+    assert choose_gsq_kernel(layer_config(576, 192, 2)).name == "dequant"
+    monkeypatch.setenv(KERNEL_ENV, "marlin")
+    with pytest.raises(GSQKernelSelectionError, match=r"layers.1.o_proj: .*GSQ_VLLM_KERNEL=marlin: marlin: Marlin runs on CUDA"):
+        choose_gsq_kernel(layer_config(576, 192, 2), "layers.1.o_proj")
+    monkeypatch.setenv(KERNEL_ENV, "torch-int4")
+    with pytest.raises(GSQKernelSelectionError, match=r"group size 16 not in"):
+        choose_gsq_kernel(layer_config(576, 192, 2, group=16))
+    monkeypatch.setenv(KERNEL_ENV, "nonsense")
+    with pytest.raises(GSQKernelSelectionError, match=r"not a GSQ kernel; choose one of torch-int4, cpu-wna16, marlin, triton, dequant"):
+        choose_gsq_kernel(layer_config(576, 192, 2))
+
+
+def test_triton_kernel_class_in_the_interpreter():
+    """The Triton kernel class (custom op, plane repack) on the CPU through TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    script = """
+import torch
+import sys; sys.path.insert(0, "tests/serving")
+from serving_support import random_codes, random_scales, reference, assert_close
+from test_plugin import layer_config
+from vllm.platforms import current_platform
+from gsq_vllm.serving.kernels.triton import GSQTritonLinearKernel
+for bits in (2, 3):
+    ok, reason = GSQTritonLinearKernel.can_implement(layer_config(256, 64, bits))
+    assert ok, reason
+    codes, scales = random_codes(64, 256, bits), random_scales(64, 4)
+    layer = torch.nn.Module(); layer.gsq_codes, layer.gsq_scales = codes, scales
+    kernel = GSQTritonLinearKernel(layer_config(256, 64, bits), layer_name="t")
+    kernel.process_weights_after_loading(layer)
+    for rows in (1, 4):
+        x = torch.randn(rows, 256).to(torch.bfloat16)
+        assert_close(kernel.apply_weights(layer, x), reference(x, codes, scales), f"triton {bits} {rows}")
+print("TRITON-OK")
+"""
+    result = run_python(script, env={"TRITON_INTERPRET": "1"}, timeout=600)
+    if "gsq_vllm.kernels is not importable" in result.stderr:
+        pytest.skip("gsq_vllm.kernels not importable here")
+    assert result.returncode == 0 and "TRITON-OK" in result.stdout, result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# the scheme on real vLLM linear layers
+# ----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def simulated_tp(monkeypatch, rank: int, size: int):
+    """Make vLLM's linear layers and parameters (and the scheme) believe they are rank/size."""
+    import vllm.distributed
+    import vllm.model_executor.layers.linear as linear
+    import vllm.model_executor.parameter as parameter
+
+    with monkeypatch.context() as patch:
+        for module in (linear, parameter, vllm.distributed):
+            patch.setattr(module, "get_tensor_model_parallel_rank", lambda: rank)
+            patch.setattr(module, "get_tensor_model_parallel_world_size", lambda: size)
+        yield
+
+
+def load(layer, name: str, tensor: torch.Tensor, shard_id=None) -> None:
+    param = getattr(layer, name)
+    args = () if shard_id is None else (shard_id,)
+    param.weight_loader(param, tensor, *args)
+
+
+def load_gsq(layer, codes, scales, bits, layout, shard_id=None) -> None:
+    load(layer, "weight_packed", pack_codes(codes, bits, layout), shard_id)
+    load(layer, "weight_scale", scales, shard_id)
+    load(layer, "weight_shape", torch.tensor(list(codes.shape)), shard_id)
+
+
+def finish(layer):
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer
+
+
+def row_layer(config, k, n, prefix="model.layers.0.mlp.down_proj"):
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    return RowParallelLinear(k, n, bias=False, quant_config=config, prefix=prefix, params_dtype=torch.bfloat16, return_bias=False)
+
+
+LAYOUTS = [(2, PackLayout.DENSE), (3, PackLayout.DENSE), (3, PackLayout.WORD_ALIGNED)]
+
+
+@pytest.mark.parametrize("bits,layout", LAYOUTS)
+def test_qkv_merged_and_row_layers_load_both_layouts(vllm_tp1, bits, layout):
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
+
+    config = gsq_config(bits, version="0.17.0" if layout is PackLayout.WORD_ALIGNED else "0.19.0")
+    k = 320  # 3-bit: dense width 30 words, word-aligned 32
+    x = torch.randn(4, k).to(torch.bfloat16)
+
+    qkv = QKVParallelLinear(k, 64, 4, 2, bias=False, quant_config=config, prefix="model.layers.0.self_attn.qkv_proj",
+                            params_dtype=torch.bfloat16, return_bias=False)
+    parts = {"q": 256, "k": 128, "v": 128}
+    tensors = {s: (random_codes(n, k, bits, i), random_scales(n, k // GROUP, i)) for i, (s, n) in enumerate(parts.items())}
+    for shard_id, (codes, scales) in tensors.items():
+        load_gsq(qkv, codes, scales, bits, layout, shard_id)
+    assert qkv.weight_packed.pack_layout is layout
+    finish(qkv)
+    ref = torch.cat([reference(x, c, s) for c, s in tensors.values()], dim=1)
+    assert_close(qkv.quant_method.apply(qkv, x), ref, "qkv")
+
+    merged = MergedColumnParallelLinear(k, [96, 96], bias=False, quant_config=config, prefix="model.layers.0.mlp.gate_up_proj",
+                                        params_dtype=torch.bfloat16, return_bias=False)
+    halves = [(random_codes(96, k, bits, 7 + i), random_scales(96, k // GROUP, 7 + i)) for i in range(2)]
+    for i, (codes, scales) in enumerate(halves):
+        load_gsq(merged, codes, scales, bits, layout, i)
+    finish(merged)
+    assert_close(merged.quant_method.apply(merged, x), torch.cat([reference(x, c, s) for c, s in halves], 1), "gate_up")
+
+    row = row_layer(config, k, 48)
+    codes, scales = random_codes(48, k, bits, 11), random_scales(48, k // GROUP, 11)
+    load_gsq(row, codes, scales, bits, layout)
+    finish(row)
+    assert_close(row(x), reference(x, codes, scales), "row")
+
+
+@pytest.mark.parametrize("bits,layout", LAYOUTS)
+def test_simulated_tensor_parallel_shards(vllm_tp1, monkeypatch, bits, layout):
+    """tp=2 simulated: row-parallel partial products sum to the full output, column shards concatenate,
+    every rank loading the same full checkpoint tensors as vLLM does."""
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear
+
+    config = gsq_config(bits)
+    # 192 columns per rank: rank 1 starts mid-word in the word-aligned 3-bit layout (10 codes a word);
+    # with groups of 64 a dense-layout shard always starts on a word (64 * 3 bits = 6 words)
+    k, n = 384, 96
+    codes, scales = random_codes(n, k, bits, 3), random_scales(n, k // GROUP, 3)
+    gate = (random_codes(n, k, bits, 4), random_scales(n, k // GROUP, 4))
+    x = torch.randn(3, k).to(torch.bfloat16)
+    partial, column = [], []
+    for rank in range(2):
+        with simulated_tp(monkeypatch, rank, 2):
+            row = row_layer(config, k, n)
+            assert row.input_size_per_partition == k // 2
+            load_gsq(row, codes, scales, bits, layout)
+            finish(row)
+            partial.append(row.quant_method.apply(row, x[:, rank * k // 2 : (rank + 1) * k // 2]).float())
+            merged = MergedColumnParallelLinear(k, [n, n], bias=False, quant_config=config, prefix="mlp.gate_up_proj",
+                                                params_dtype=torch.bfloat16, return_bias=False)
+            load_gsq(merged, *gate, bits, layout, 0)
+            load_gsq(merged, codes, scales, bits, layout, 1)
+            finish(merged)
+            column.append(merged.quant_method.apply(merged, x).float())
+    assert_close(partial[0] + partial[1], reference(x, codes, scales), "row-parallel sum")
+    half = n // 2
+    gate_ref, up_ref = reference(x, *gate), reference(x, codes, scales)
+    for rank in range(2):
+        expected = torch.cat([gate_ref[:, rank * half : (rank + 1) * half], up_ref[:, rank * half : (rank + 1) * half]], 1)
+        assert_close(column[rank], expected, f"column shard {rank}")
+
+
+def test_row_shard_splitting_a_group_fails_at_load(vllm_tp1, monkeypatch):
+    from gsq_vllm.serving.sharding import GSQShardError
+
+    with simulated_tp(monkeypatch, 1, 4), pytest.raises(
+        GSQShardError, match=r"model.layers.0.mlp.down_proj: a tensor-parallel shard of 96 input columns .* group of 64"
+    ):
+        row_layer(gsq_config(3), 384, 64)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad checkpoints fail at load, naming the layer and the shapes
+# ----------------------------------------------------------------------------------------------
+
+
+def test_packed_width_that_fits_no_layout(vllm_tp1):
+    row = row_layer(gsq_config(3), 320, 32)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.weight_packed: packed width 31 matches no layout .* expected 30 \(dense.* or 32 \(word-aligned"):
+        load(row, "weight_packed", torch.zeros(32, 31, dtype=torch.int32))
+
+
+def test_missing_weight_scale(vllm_tp1):
+    from gsq_vllm.serving.scheme import GSQLoadError
+
+    row = row_layer(gsq_config(2), 256, 32)
+    codes = random_codes(32, 256, 2)
+    load(row, "weight_packed", pack_codes(codes, 2))
+    load(row, "weight_shape", torch.tensor([32, 256]))
+    with pytest.raises(GSQLoadError, match=r"model.layers.0.mlp.down_proj: the checkpoint has no model.layers.0.mlp.down_proj.weight_scale"):
+        finish(row)
+
+
+def test_missing_fused_shard(vllm_tp1):
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear
+
+    from gsq_vllm.serving.scheme import GSQLoadError
+
+    merged = MergedColumnParallelLinear(256, [32, 32], bias=False, quant_config=gsq_config(2), prefix="mlp.gate_up_proj",
+                                        params_dtype=torch.bfloat16, return_bias=False)
+    load_gsq(merged, random_codes(32, 256, 2), random_scales(32, 4), 2, PackLayout.DENSE, 0)
+    with pytest.raises(GSQLoadError, match=r"mlp.gate_up_proj: weight_packed of fused shard\(s\) \[1\] missing"):
+        finish(merged)
+
+
+def test_scale_with_wrong_group_count(vllm_tp1):
+    from gsq_vllm.serving.scheme import GSQLoadError
+
+    row = row_layer(gsq_config(3), 256, 32)
+    with pytest.raises(GSQLoadError, match=r"down_proj.weight_scale: expected \[out, 4\] \(in_features / group_size\), found shape \[32, 8\]"):
+        load(row, "weight_scale", random_scales(32, 8))
+
+
+def test_group_size_that_does_not_divide_the_input(vllm_tp1):
+    from gsq_vllm.serving.sharding import GSQShardError
+
+    with pytest.raises(GSQShardError, match=r"down_proj: group_size 64 does not divide in_features 352"):
+        row_layer(gsq_config(3), 352, 32)
+
+
+def test_weight_shape_disagreeing_with_the_model(vllm_tp1):
+    from gsq_vllm.serving.scheme import GSQLoadError
+
+    row = row_layer(gsq_config(2), 256, 32)
+    load_gsq(row, random_codes(32, 256, 2), random_scales(32, 4), 2, PackLayout.DENSE)
+    load(row, "weight_shape", torch.tensor([32, 512]))
+    with pytest.raises(GSQLoadError, match=r"weight_shape says in_features 512, the model expects 256"):
+        finish(row)
+
+
+def test_moe_experts_refused_with_layer_name(vllm_tp1):
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    experts = RoutedExperts.__new__(RoutedExperts)  # only its class matters to the scheme lookup
+    torch.nn.Module.__init__(experts)
+    with pytest.raises(ValueError, match=r"model.layers.2.mlp.experts: 3-bit GSQ mixture-of-experts weights are not supported"):
+        gsq_config(3).get_quant_method(experts, "model.layers.2.mlp.experts")
