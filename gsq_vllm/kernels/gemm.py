@@ -1,12 +1,13 @@
 """Tensor-core kernel (``tl.dot``): tiled GEMM for prefill and split-K for small batches.
 
-Each program dequantizes a ``[BLOCK_K, BLOCK_N]`` weight tile into registers (code * scale in
-fp32, then cast to the activation dtype) and feeds it with a ``[BLOCK_M, BLOCK_K]`` activation
-tile to ``tl.dot`` with an fp32 accumulator. Word ``k // codes_per_word`` is loaded for every code
-``k`` of the tile; the repeats hit L1, and at large M the tensor cores, not these loads, set the
-pace. The same kernel serves 3 <= M <= 16 with ``BLOCK_M = 16`` and ``SPLIT_K > 1``: there the
-weight stream dominates and split-K gives enough programs to fill the GPU; the shares then meet
-in an fp32 buffer through atomic adds.
+Each program loads the packed words of a ``[BLOCK_K, BLOCK_N]`` weight tile once (aligned, N
+contiguous), repeats each word for its codes in registers, shifts the codes out and turns them
+into fp16/bf16 without an int-to-float conversion (the code is OR-ed into the mantissa of 1024.0
+or 128.0, then the base is subtracted). Times the group's scale, the tile goes with a
+``[BLOCK_M, BLOCK_K]`` activation tile to ``tl.dot`` (wgmma on Hopper, mma on Ampere) with an
+fp32 accumulator. The same kernel serves 3 <= M <= 16 with ``BLOCK_M = 16`` and ``SPLIT_K > 1``:
+there the weight stream dominates and split-K gives enough programs to fill the GPU; the shares
+then meet in an fp32 buffer through atomic adds.
 """
 
 from __future__ import annotations
@@ -82,6 +83,28 @@ AUTOTUNE_KEY = ["m_bucket", "N", "K", "BITS", "GROUP_SIZE"]
 
 
 @triton.jit
+def _repeat_rows(tile, REPEAT: tl.constexpr):
+    """``[R, C]`` -> ``[R * REPEAT, C]``, each row repeated ``REPEAT`` times in a row."""
+    rows: tl.constexpr = tile.shape[0]
+    cols: tl.constexpr = tile.shape[1]
+    repeated = tl.broadcast_to(tile[:, None, :], (rows, REPEAT, cols))
+    return tl.reshape(repeated, (rows * REPEAT, cols))
+
+
+@triton.jit
+def _codes_as_float(unsigned, dtype: tl.constexpr, OFFSET: tl.constexpr):
+    """Unsigned codes (< 256) -> signed codes in fp16/bf16 without an int-to-float conversion:
+    OR-ed into the mantissa of 1024.0 (fp16) or 128.0 (bf16), then the float minus that base and
+    the code offset is the signed code, exactly."""
+    if dtype == tl.float16:
+        as_float = (unsigned | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return as_float - (1024.0 + OFFSET)
+    else:
+        as_float = (unsigned | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return as_float - (128.0 + OFFSET)
+
+
+@triton.jit
 def gemm_kernel(
     x_ptr,
     low_ptr,
@@ -119,6 +142,8 @@ def gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    low_rows = tl.arange(0, BLOCK_K // WORD_CODES)
+    high_rows = tl.arange(0, BLOCK_K // 32)
     m_valid = offs_m < M
     n_valid = offs_n < N
     low_shift = ((offs_k % WORD_CODES) * LOW_BITS)[:, None]
@@ -132,36 +157,46 @@ def gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k = k0 + offs_k
-        k_valid = k < K
         a = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-            mask=m_valid[:, None] & k_valid[None, :],
+            mask=m_valid[:, None] & (k < K)[None, :],
             other=0.0,
         )
-        tile_valid = k_valid[:, None] & n_valid[None, :]
+        # Load each packed word once ([BLOCK_K // codes_per_word, BLOCK_N]), then repeat it for
+        # its codes in registers: loading it once per code would also repeat it in the shared
+        # memory that the software pipeline stages loads through.
+        low_row = k0 // WORD_CODES + low_rows
         low = tl.load(
-            low_ptr + (k // WORD_CODES)[:, None] * N + offs_n[None, :], mask=tile_valid, other=0
+            low_ptr + low_row[:, None] * N + offs_n[None, :],
+            mask=(low_row * WORD_CODES < K)[:, None] & n_valid[None, :],
+            other=0,
         )
-        unsigned = (low >> low_shift) & ((1 << LOW_BITS) - 1)
+        unsigned = (_repeat_rows(low, WORD_CODES) >> low_shift) & ((1 << LOW_BITS) - 1)
         if BITS == 3:
+            high_row = k0 // 32 + high_rows
             high = tl.load(
-                high_ptr + (k // 32)[:, None] * N + offs_n[None, :], mask=tile_valid, other=0
+                high_ptr + high_row[:, None] * N + offs_n[None, :],
+                mask=(high_row * 32 < K)[:, None] & n_valid[None, :],
+                other=0,
             )
-            unsigned = unsigned | (((high >> high_shift) & 1) << 2)
+            unsigned = unsigned | (((_repeat_rows(high, 32) >> high_shift) & 1) << 2)
         if BLOCK_K <= GROUP_SIZE:  # the whole step lies in one group: one scale per column
             scale = tl.load(scales_ptr + (k0 // GROUP_SIZE) * N + offs_n, mask=n_valid, other=0.0)
             scale = scale[None, :]
         else:
+            group = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
             scale = tl.load(
-                scales_ptr + (k // GROUP_SIZE)[:, None] * N + offs_n[None, :],
-                mask=tile_valid,
+                scales_ptr + group[:, None] * N + offs_n[None, :],
+                mask=(group * GROUP_SIZE < K)[:, None] & n_valid[None, :],
                 other=0.0,
             )
-        weight = (unsigned - (1 << (BITS - 1))).to(tl.float32) * scale.to(tl.float32)
+            scale = _repeat_rows(scale, GROUP_SIZE)
         if DOT_IN_FP32:
+            weight = (unsigned - (1 << (BITS - 1))).to(tl.float32) * scale.to(tl.float32)
             acc = tl.dot(a.to(tl.float32), weight, acc, input_precision="ieee")
         else:
-            acc = tl.dot(a, weight.to(a.dtype), acc)
+            codes = _codes_as_float(unsigned, a.dtype, 1 << (BITS - 1))
+            acc = tl.dot(a, codes * scale.to(a.dtype), acc)
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     out_valid = m_valid[:, None] & n_valid[None, :]
     if SPLIT_K == 1:

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from gsq_vllm.kernels.reference import reference_from_planes
 
-FLOAT_TWO_POW_23 = 0x4B000000  # bits of the fp32 8388608.0 (2**23); its mantissa is all zero
+FLOAT_TWO_POW_23 = tl.constexpr(0x4B000000)  # bits of the fp32 2**23; its mantissa is all zero
 
 # Ampere (A100: 108 SMs, 40 MB L2) and Hopper (H100/H200: 132 SMs, 50 MB L2). Wide BLOCK_N keeps
 # loads coalesced; SPLIT_K multiplies the programs so that one row fills every SM.
