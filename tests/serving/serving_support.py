@@ -108,3 +108,62 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     assert err <= bound, f"{what}: max error {err:.4g} > {bound:.4g}"
 
 
+
+
+PROMPTS = [
+    "The capital of France is",
+    "In 1905, Albert Einstein published",
+    "def fibonacci(n):\n    ",
+    "The three primary colors are",
+]
+NEW_TOKENS = 16
+# A divergence is accepted only where the fp32 reference itself is nearly tied between its token
+# and vLLM's (bf16 activations round logits by about this much on this model).
+TIE_MARGIN = 0.15
+
+
+def prompt_ids(model_dir: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return [tokenizer(p).input_ids for p in PROMPTS]
+
+
+def transformers_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int = NEW_TOKENS):
+    """The checkpoint's own greedy continuation under transformers (decompressed, fp32), with the
+    logits of every step (to judge near-ties)."""
+    from gsq_vllm.checkpoint import load_causal_lm
+
+    model = load_causal_lm(model_dir, dtype=torch.float32)
+    results = []
+    with torch.no_grad():
+        for ids in prompts:
+            sequence = torch.tensor([ids])
+            tokens, step_logits = [], []
+            for _ in range(new_tokens):
+                logits = model(sequence).logits[0, -1]
+                token = int(logits.argmax())
+                tokens.append(token)
+                step_logits.append(logits)
+                sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
+            results.append((tokens, step_logits))
+    return results
+
+
+def compare_greedy(served: list[list[int]], reference) -> list[str]:
+    """Problems (empty = match): a divergence counts only where the reference was not nearly tied."""
+    problems = []
+    for index, (got, (expected, step_logits)) in enumerate(zip(served, reference)):
+        for step, (a, b) in enumerate(zip(got, expected)):
+            if a != b:
+                logits = step_logits[step]
+                margin = float(logits[b] - logits[a])
+                if margin > TIE_MARGIN:
+                    problems.append(
+                        f"prompt {index} ({PROMPTS[index]!r}): token {step} is {a}, transformers gives {b} "
+                        f"(logit margin {margin:.3f} > {TIE_MARGIN}); served {got}, expected {expected}"
+                    )
+                break
+        if len(got) != len(expected):
+            problems.append(f"prompt {index}: {len(got)} tokens, expected {len(expected)}")
+    return problems

@@ -1,0 +1,276 @@
+"""Serving benchmark: bf16 vs stock GPTQ W4A16 vs GSQ W3/W2 (each GSQ kernel), same engine settings.
+
+Run it with the serving environment's Python::
+
+    .venv-serve/bin/python benchmarks/serve_throughput.py            # everything (about 15 min on 2 cores)
+    .venv-serve/bin/python benchmarks/serve_throughput.py --only gsq-w2:torch-int4 bf16
+
+Every configuration runs in a fresh child process (one vLLM engine each) with ``vllm.LLM``:
+
+* ``startup_s``       time to construct the engine (load, repack, profile, KV cache)
+* ``prefill_tok_s``   4 prompts x 512 tokens, 1 new token each: prompt tokens / second
+* ``decode_tok_s_bs1`` / ``decode_tok_s_bs8``: (tokens of a 128-token greedy run minus those of a
+  1-token run) / (time difference), batch 1 and 8; prefix caching off, EOS ignored
+* ``weight_bytes``    bytes of the model's parameters and buffers in the worker (dense weights that
+  vLLM's CPU GEMM dispatch moved into prepacked oneDNN/SGL handles counted at their dense size)
+
+Checkpoints come from ``tests/serving/make_checkpoints.py`` (run in ``.venv``, cached under
+``.cache/gsq-vllm/checkpoints``). Results: ``benchmarks/results/serve_<device>.json`` and a table.
+On CUDA the same script runs GSQ through Marlin (int4 container), the Triton kernels and the
+dequantised fallback, and stock vLLM (Humming) with the plugin disabled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+MAKE_CHECKPOINTS = REPO / "tests" / "serving" / "make_checkpoints.py"
+QUANTIZE_PYTHON = REPO / ".venv" / "bin" / "python"
+NEW_TOKENS = 128
+PREFILL_PROMPTS, PREFILL_LEN = 4, 512
+CHILD_TIMEOUT_S = 900
+
+
+# ----------------------------------------------------------------------------------------------
+# child: one engine, one configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _weight_bytes(worker) -> int:
+    """Runs inside the vLLM worker (collective_rpc): bytes held by the model's weights."""
+    model = worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.model
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = (tensor.data_ptr(), tensor.numel())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    for module in model.modules():  # dense weights prepacked into a oneDNN/SGL handle by vLLM
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and weight is not None and weight.numel() == 0:
+            total += module.output_size_per_partition * module.input_size_per_partition * weight.element_size()
+    return total
+
+
+def _text_ids(tokenizer, count: int, length: int) -> list[list[int]]:
+    from gsq_vllm.data import text_path
+
+    ids = tokenizer(text_path("wiki").read_text()[:200_000]).input_ids
+    return [ids[i * length : (i + 1) * length] for i in range(count)]
+
+
+def run_child(spec: dict) -> dict:
+    import torch
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    on_cpu = not torch.cuda.is_available()
+    start = time.perf_counter()
+    llm = LLM(
+        model=spec["path"],
+        dtype="bfloat16",
+        max_model_len=2048,
+        enforce_eager=on_cpu,
+        enable_prefix_caching=False,
+        seed=0,
+    )
+    startup = time.perf_counter() - start
+    tokenizer = llm.get_tokenizer()
+
+    def timed(prompts: list[list[int]], max_tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        begin = time.perf_counter()
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        elapsed = time.perf_counter() - begin
+        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outputs)
+        return elapsed
+
+    short = _text_ids(tokenizer, 8, 16)
+    timed(short[:1], 8)  # warm-up
+    decode = {}
+    for batch in (1, 8):
+        one, full = timed(short[:batch], 1), timed(short[:batch], NEW_TOKENS)
+        decode[batch] = batch * (NEW_TOKENS - 1) / (full - one)
+    long = _text_ids(tokenizer, PREFILL_PROMPTS, PREFILL_LEN)
+    prefill = PREFILL_PROMPTS * PREFILL_LEN / timed(long, 1)
+    return {
+        "decode_tok_s_bs1": round(decode[1], 2),
+        "decode_tok_s_bs8": round(decode[8], 2),
+        "prefill_tok_s": round(prefill, 1),
+        "weight_bytes": int(llm.collective_rpc(_weight_bytes)[0]),
+        "startup_s": round(startup, 1),
+    }
+
+
+def probe_kernels() -> dict:
+    """Which GSQ kernels can run a typical layer of the default model here (and why not)."""
+    import torch
+    from vllm.model_executor.kernels.linear import MPLinearLayerConfig
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    from gsq_vllm.serving.kernels import ALL_KERNELS, PLATFORM_KERNELS, platform_key
+    from gsq_vllm.serving.scheme import GSQ_SCALAR_TYPES
+
+    found = {}
+    for bits in (2, 3):
+        config = MPLinearLayerConfig((576, 1536), (576, 1536), GSQ_SCALAR_TYPES[bits], torch.bfloat16, 64, False)
+        for kernel in ALL_KERNELS:
+            ok, reason = kernel.can_implement(config)
+            found.setdefault(kernel.name, (ok, reason))
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+    return {
+        "device": device,
+        "platform": platform_key(),
+        "order": [k.name for k in PLATFORM_KERNELS[platform_key()]],
+        "kernels": {name: {"ok": ok, "reason": reason} for name, (ok, reason) in found.items()},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# parent: configurations, child processes, results
+# ----------------------------------------------------------------------------------------------
+
+
+def checkpoint(kind: str) -> Path:
+    from gsq_vllm.data import cache_dir, default_model_dir
+
+    if kind == "bf16":
+        return default_model_dir()
+    path = cache_dir() / "checkpoints" / kind
+    if not (path / "config.json").is_file():
+        print(f"making checkpoint {kind} in {QUANTIZE_PYTHON} ...", flush=True)
+        subprocess.run([str(QUANTIZE_PYTHON), str(MAKE_CHECKPOINTS), kind, str(path)], cwd=REPO, check=True)
+    return path
+
+
+def configurations(probe: dict) -> list[dict]:
+    """(model, kernel, env) triples for this platform."""
+    usable = [name for name in probe["order"] if probe["kernels"][name]["ok"]]
+    configs = [
+        {"model": "bf16", "kernel": "stock (dense bf16)", "env": {}},
+        {"model": "gptq-w4", "kernel": "stock (vLLM W4A16)", "env": {}},
+    ]
+    for model in ("gsq-w3", "gsq-w2"):
+        for name in usable:
+            configs.append({"model": model, "kernel": name, "env": {"GSQ_VLLM_KERNEL": name}})
+        if probe["platform"] == "cuda":
+            configs.append({"model": model, "kernel": "stock (Humming, plugin off)", "env": {"GSQ_VLLM_DISABLE": "1"}})
+    return configs
+
+
+def run_config(config: dict, log_dir: Path) -> dict:
+    spec = {"path": str(checkpoint(config["model"]))}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # lets collective_rpc ship _weight_bytes to the worker
+        **config["env"],
+    }
+    log = log_dir / f"{config['model']}-{re.sub(r'[^a-z0-9]+', '-', config['kernel'].lower())}.log"
+    record = {"model": config["model"], "kernel": config["kernel"]}
+    try:
+        with open(log, "w") as handle:
+            result = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(spec)],
+                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=handle, text=True, timeout=CHILD_TIMEOUT_S,
+            )
+    except subprocess.TimeoutExpired:
+        return {**record, "error": f"timed out after {CHILD_TIMEOUT_S} s (log {log})"}
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        tail = log.read_text(errors="replace").strip().splitlines()
+        reason = next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
+        return {**record, "error": f"exit {result.returncode}: {reason[:400]} (log {log})"}
+    return {**record, **json.loads(lines[-1][len("RESULT ") :])}
+
+
+def format_table(results: list[dict]) -> str:
+    base = {r["model"]: r for r in results if "error" not in r}
+    columns = ["model", "kernel", "decode_tok_s_bs1", "decode_tok_s_bs8", "prefill_tok_s", "weight_bytes", "startup_s"]
+    header = columns + ["bs1/bf16", "bs8/bf16", "bs1/gptq", "bs8/gptq"]
+    rows = [header]
+    for r in results:
+        if "error" in r:
+            rows.append([r["model"], r["kernel"], "error: " + r["error"][:90]] + [""] * (len(header) - 3))
+            continue
+        row = [str(r[c]) if c != "weight_bytes" else f"{r[c] / 2**20:.1f} MiB" for c in columns]
+        for ref in ("bf16", "gptq-w4"):
+            for key in ("decode_tok_s_bs1", "decode_tok_s_bs8"):
+                row.append(f"{r[key] / base[ref][key]:.2f}x" if ref in base else "-")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="*", help="model[:kernel] filters, e.g. bf16 gsq-w2:torch-int4")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    args = parser.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
+        return 0
+    if args.probe:
+        print("PROBE " + json.dumps(probe_kernels()), flush=True)
+        return 0
+
+    probe_run = subprocess.run([sys.executable, __file__, "--probe"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    probe_lines = [line for line in probe_run.stdout.splitlines() if line.startswith("PROBE ")]
+    if not probe_lines:
+        raise SystemExit(f"kernel probe failed:\n{probe_run.stderr[-3000:]}")
+    probe = json.loads(probe_lines[-1][len("PROBE ") :])
+    configs = configurations(probe)
+    if args.only:
+        keep = lambda c: any(  # noqa: E731
+            f == c["model"] or f == f"{c['model']}:{c['env'].get('GSQ_VLLM_KERNEL', '')}" for f in args.only
+        )
+        configs = [c for c in configs if keep(c)]
+    log_dir = args.out / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    began = time.perf_counter()
+    for config in configs:
+        print(f"== {config['model']} / {config['kernel']}", flush=True)
+        record = run_config(config, log_dir)
+        print("   " + json.dumps(record), flush=True)
+        results.append(record)
+    out = args.out / f"serve_{probe['device']}.json"
+    payload = {
+        "device": probe["device"],
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "settings": {
+            "dtype": "bfloat16",
+            "max_model_len": 2048,
+            "enforce_eager": probe["device"] == "cpu",
+            "new_tokens": NEW_TOKENS,
+            "prefill": f"{PREFILL_PROMPTS} x {PREFILL_LEN} tokens",
+            "prefix_caching": False,
+        },
+        "kernels": probe["kernels"],
+        "note": args.note,
+        "wall_s": round(time.perf_counter() - began, 1),
+        "results": results,
+    }
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(format_table(results))
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

