@@ -1,18 +1,21 @@
 """Decode kernel for one or two rows: split-K GEMV on CUDA cores, fp32 multiply-adds.
 
-At M = 1 a matmul is a stream over the weight, so the only goal is to keep memory busy while
-spending as few instructions as possible per code (on an H100 a 2-bit weight arrives faster than
-four instructions a code can retire). Each program owns ``BLOCK_N`` output columns and one
-``1 / SPLIT_K`` share of K; the shares meet in an fp32 buffer through atomic adds.
+At M = 1 a matmul is a stream over the weight, so the goal is to keep memory busy while
+spending as few instructions as possible per code: on an H100 a 2-bit weight arrives about as
+fast as four instructions a code can retire. Each program owns ``BLOCK_N`` output columns (4 to
+8 adjacent ones per thread) and one ``1 / SPLIT_K`` share of K; the shares meet in an fp32
+buffer through atomic adds.
 
-Per step it loads ``[BLOCK_K // 16, BLOCK_N]`` low-plane words (N contiguous: whole cache lines,
-no repeated loads) and reads each word as two 16-bit halves. Within a half, code ``j`` sits at
-bit ``2j`` (``4j`` for 4-bit). Instead of shifting every code down, the kernel leaves it in place
-and ORs the half-word into the mantissa of the fp32 ``2**23`` (0x4B000000): the float's value is
-then ``2**23 + u * 2**(2j)`` exactly, so one and/or, one subtraction (of ``2**23`` plus the code
-offset) and one fused multiply-add with ``x * 2**-(2j)`` handle a code. For 3-bit the high plane's
-permuted order (see gsq_vllm.packing) puts each code's third bit at ``2j + 2`` after one shift
-per word, so it joins with one more and/or. Scales are applied once per 16 codes.
+Per step it loads ``[BLOCK_K // 16, BLOCK_N]`` low-plane words (N contiguous: 16-byte loads,
+nothing loaded twice) and reads each word as two 16-bit halves. Within a half, code ``j`` sits
+at bit ``2j`` (``4j`` for 4-bit). Rather than shifting every code down and converting it, the
+kernel leaves it in place and ORs it into the mantissa of the fp32 ``2**23`` (0x4B000000): the
+float is then exactly ``2**23 + u * 2**(2j)``. Per code that is one and (mask and magic as one
+immediate), one subtraction of ``2**23 + offset * 2**(2j)`` and one fused multiply-add with
+``x * 2**-(2j)``, unrolled over the slots so every constant is an immediate. For 3-bit the high
+plane's permuted order (see gsq_vllm.packing) puts each code's third bit at ``2j + 2`` after one
+shift per word; even and odd slots then each get one merged view, so 3-bit costs one more
+and/or per two codes. Scales are applied once per step (or per word when a step spans groups).
 """
 
 from __future__ import annotations
@@ -25,32 +28,32 @@ from gsq_vllm.kernels.reference import reference_from_planes
 
 FLOAT_TWO_POW_23 = tl.constexpr(0x4B000000)  # bits of the fp32 2**23; its mantissa is all zero
 
-# Ampere (A100: 108 SMs, 40 MB L2) and Hopper (H100/H200: 132 SMs, 50 MB L2). Wide BLOCK_N keeps
-# loads coalesced; SPLIT_K multiplies the programs so that one row fills every SM.
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). Each thread owns 4 to 8 adjacent columns
+# (BLOCK_N = 128 to 256 per warp): 16-byte loads, and every activation it loads serves 4 to 8
+# codes. SPLIT_K multiplies the programs so that one row keeps every SM busy (A100: 108 SMs,
+# H100/H200: 132); the compiled inner loop costs about 4 instructions per 2-bit code.
 AMPERE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
     for bn, bk, sk, w, s in [
-        (64, 128, 4, 2, 2),
-        (64, 256, 4, 4, 2),
-        (128, 128, 2, 4, 2),
-        (128, 128, 4, 4, 3),
-        (128, 256, 2, 4, 2),
-        (256, 64, 4, 4, 3),
-        (256, 128, 2, 8, 2),
-        (64, 128, 8, 2, 3),
+        (512, 64, 8, 2, 3),
+        (512, 64, 16, 2, 3),
+        (1024, 64, 8, 4, 3),
+        (512, 128, 8, 4, 2),
+        (256, 128, 8, 2, 3),
+        (256, 64, 16, 1, 3),
     ]
 ]
 HOPPER_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
     for bn, bk, sk, w, s in [
-        (64, 128, 8, 2, 3),
-        (64, 256, 4, 4, 3),
-        (128, 128, 4, 4, 3),
-        (128, 256, 4, 4, 3),
-        (128, 128, 8, 4, 4),
-        (256, 128, 4, 8, 3),
-        (256, 256, 2, 8, 3),
-        (128, 512, 2, 8, 2),
+        (1024, 64, 8, 4, 3),
+        (1024, 64, 16, 4, 3),
+        (512, 64, 16, 2, 3),
+        (512, 64, 32, 2, 4),
+        (512, 128, 8, 4, 3),
+        (256, 128, 16, 2, 3),
+        (256, 64, 32, 1, 4),
+        (1024, 128, 4, 8, 3),
     ]
 ]
 # One small fixed configuration for the interpreter, where autotuning would only cost time.
@@ -71,6 +74,7 @@ def gemv_splitk_kernel(
     m_bucket,  # only an autotuning key: M rounded up to a power of two
     stride_xm,
     stride_om,
+    magic,  # FLOAT_TWO_POW_23 at run time: one register, not a constant rebuilt at every use
     BITS: tl.constexpr,
     LOW_BITS: tl.constexpr,  # bits per code in the low plane: 2 (2- and 3-bit weights) or 4
     GROUP_SIZE: tl.constexpr,
@@ -84,19 +88,11 @@ def gemv_splitk_kernel(
     SLOTS: tl.constexpr = 16 // LOW_BITS  # codes in one 16-bit half of a low-plane word
     WORD_CODES: tl.constexpr = 2 * SLOTS
     ROWS: tl.constexpr = BLOCK_K // WORD_CODES  # low-plane words per column per step
+    CODE_OFFSET: tl.constexpr = 1 << (BITS - 1)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < N
     rows = tl.arange(0, ROWS)
-    slots = tl.arange(0, SLOTS)
-    slot_shift = slots * LOW_BITS
-    low_mask = ((1 << LOW_BITS) - 1) << slot_shift
-    high_mask = 4 << slot_shift  # 3-bit: where the third bit lands, two above the low bits
-    place = tl.exp2(slot_shift.to(tl.float32))  # 2**shift: the weight of a code left in place
-    # float(0x4B000000 | u << shift) - (2**23 + offset * 2**shift) == (u - offset) * 2**shift
-    magic_and_offset = 8388608.0 + (1 << (BITS - 1)) * place
-    x_unplace = 1.0 / place
-
     steps = tl.cdiv(K, BLOCK_K)
     steps_per_split = tl.cdiv(steps, SPLIT_K)
     k_begin = pid_k * steps_per_split * BLOCK_K
@@ -120,24 +116,43 @@ def gemv_splitk_kernel(
                 other=0,
             )
             high_words = high_words >> ((rows % 2) * 16)[:, None]
-        scale = tl.load(
-            scales_ptr + (row_start // GROUP_SIZE)[:, None] * N + offs_n[None, :],
-            mask=tile_valid,
-            other=0.0,
-        ).to(tl.float32)
+        # Unrolled over the codes of a word, so that masks and offsets are immediates and each
+        # code costs one and/or, one subtraction and one fused multiply-add into row_sums.
         row_sums = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         for half in tl.static_range(2):
-            bits = (low_words >> (16 * half))[:, None, :] & low_mask[None, :, None]
+            # (v | MAGIC) & (MAGIC | mask) == MAGIC | (v & mask): one and, with an immediate
+            low_view = (low_words >> (16 * half)) | magic
             if BITS == 3:
+                # The third bit of slot j sits at 2j + 2, on the next slot's low bits; even and
+                # odd slots do not overlap, so each gets one view holding all three bits.
                 high_view = high_words << (2 - half)
-                bits = bits | (high_view[:, None, :] & high_mask[None, :, None])
-            weights = (bits | FLOAT_TWO_POW_23).to(tl.float32, bitcast=True)
-            weights = weights - magic_and_offset[None, :, None]
-            k_index = row_start[:, None] + half * SLOTS + slots[None, :]
-            xs = tl.load(x_row + k_index, mask=row_valid[:, None], other=0.0).to(tl.float32)
-            xs = xs * x_unplace[None, :]
-            row_sums += tl.sum(weights * xs[:, :, None], axis=1)
-        acc += tl.sum(row_sums * scale, axis=0)
+                even_view = (low_view & (FLOAT_TWO_POW_23 | 0x3333)) | (high_view & 0x4444)
+                odd_view = (low_view & (FLOAT_TWO_POW_23 | 0xCCCC)) | (high_view & 0x11110)
+            for slot in tl.static_range(SLOTS):
+                if BITS == 3:
+                    if slot % 2 == 0:
+                        bits = even_view & (FLOAT_TWO_POW_23 | (7 << (2 * slot)))
+                    else:
+                        bits = odd_view & (FLOAT_TWO_POW_23 | (7 << (2 * slot)))
+                else:
+                    mask = ((1 << LOW_BITS) - 1) << (slot * LOW_BITS)
+                    bits = low_view & (FLOAT_TWO_POW_23 | mask)
+                # float(2**23 + u * 2**shift) - (2**23 + offset * 2**shift) = code * 2**shift
+                weight = bits.to(tl.float32, bitcast=True)
+                weight = weight - (8388608.0 + CODE_OFFSET * (1 << (slot * LOW_BITS)))
+                x_k = tl.load(x_row + row_start + (half * SLOTS + slot), mask=row_valid, other=0.0)
+                x_k = x_k.to(tl.float32) * (1.0 / (1 << (slot * LOW_BITS)))
+                row_sums += weight * x_k[:, None]
+        if BLOCK_K <= GROUP_SIZE:  # the whole step lies in one group: one scale per column
+            scale = tl.load(scales_ptr + (k0 // GROUP_SIZE) * N + offs_n, mask=n_valid, other=0.0)
+            acc += tl.sum(row_sums, axis=0) * scale.to(tl.float32)
+        else:  # one scale per (word, column); words never straddle groups
+            scale = tl.load(
+                scales_ptr + (row_start // GROUP_SIZE)[:, None] * N + offs_n[None, :],
+                mask=tile_valid,
+                other=0.0,
+            )
+            acc += tl.sum(row_sums * scale.to(tl.float32), axis=0)
     tl.atomic_add(out_ptr + pid_m * stride_om + offs_n, acc, mask=n_valid)
 
 
@@ -176,6 +191,7 @@ def gemv_splitk(x: torch.Tensor, weight, config: dict | None = None) -> torch.Te
         m_bucket(M),
         x.stride(0),
         out.stride(0),
+        FLOAT_TWO_POW_23.value,
     )
     meta = dict(BITS=weight.bits, LOW_BITS=weight.low_bits, GROUP_SIZE=weight.group_size)
     if config is None and interpreting():
