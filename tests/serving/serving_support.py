@@ -118,8 +118,8 @@ PROMPTS = [
 ]
 NEW_TOKENS = 16
 # A divergence is accepted only where the fp32 reference itself is nearly tied between its token
-# and vLLM's (bf16 activations round logits by about this much on this model).
-TIE_MARGIN = 0.15
+# and vLLM's (fp32 summation order alone moves logits far less than this).
+TIE_MARGIN = 0.02
 
 
 def prompt_ids(model_dir: Path) -> list[list[int]]:

