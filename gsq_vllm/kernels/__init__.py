@@ -213,5 +213,5 @@ def triton_available(device: torch.device | str) -> tuple[bool, str]:
     if device.type == "cpu":
         if interpreting():
             return True, "Triton interpreter (TRITON_INTERPRET=1): correct, slow"
-        return False, "on the CPU the kernels run only in the Triton interpreter (TRITON_INTERPRET=1)"
+        return False, "on the CPU the kernels run only in Triton's interpreter (TRITON_INTERPRET=1)"
     return False, f"unsupported device type {device.type!r}"

@@ -220,7 +220,9 @@ def _tuned_kernels() -> dict:
 TUNED = _tuned_kernels()
 
 
-def gemm(x: torch.Tensor, weight, split_k: bool = False, config: dict | None = None) -> torch.Tensor:
+def gemm(
+    x: torch.Tensor, weight, split_k: bool = False, config: dict | None = None
+) -> torch.Tensor:
     """``x [M, K]`` (contiguous, fp16/bf16) times the packed weight -> ``[M, N]`` in ``x.dtype``.
 
     ``split_k=False``: the prefill tiling, written straight to the output. ``split_k=True``: the
@@ -242,7 +244,8 @@ def gemm(x: torch.Tensor, weight, split_k: bool = False, config: dict | None = N
     if split_k:
         out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     else:
-        out = torch.empty(M, N, dtype=torch.float32 if interpreted_bf16 else x.dtype, device=x.device)
+        out_dtype = torch.float32 if interpreted_bf16 else x.dtype
+        out = torch.empty(M, N, dtype=out_dtype, device=x.device)
     args = (
         x,
         weight.low_plane,

@@ -45,7 +45,9 @@ def test_bad_codes_and_scales():
     with pytest.raises(GSQKernelError, match=r"\[N, K // group_size\]"):
         prepare_weight(torch.zeros(4, 64, dtype=torch.int8), torch.ones(2, 4), 2, 32)
     with pytest.raises(GSQKernelError, match="fp16, bf16 or fp32"):
-        prepare_weight(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 2, dtype=torch.int32), 2, 32)
+        prepare_weight(
+            torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 2, dtype=torch.int32), 2, 32
+        )
     with pytest.raises(GSQKernelError, match="range"):
         prepare_weight(torch.full((4, 64), 3, dtype=torch.int8), torch.ones(4, 2), 2, 32)
 
@@ -85,7 +87,8 @@ def test_non_contiguous_codes_and_fp32_scales(make_exact_case, device):
     weight = prepare_weight(
         codes.t().contiguous().t().to(device), scales.float().t().contiguous().t().to(device), 2, 32
     )
-    assert torch.equal(gsq_matmul(x.to(device), weight).cpu(), reference_matmul(x, codes, scales, 32))
+    expected = reference_matmul(x, codes, scales, 32)
+    assert torch.equal(gsq_matmul(x.to(device), weight).cpu(), expected)
 
 
 def test_empty_batch(case):

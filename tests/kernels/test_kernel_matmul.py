@@ -19,6 +19,7 @@ from gsq_vllm.kernels import (
     reference_matmul,
     select_kernel,
 )
+from gsq_vllm.packing import code_range
 
 DTYPES = [torch.float16, torch.bfloat16]
 KERNELS = ["gemv_splitk", "gemm_splitk", "gemm"]
@@ -60,16 +61,16 @@ def test_exact(make_exact_case, device, kernel, bits, dtype, group_size, m, n):
 
 
 # Explicit block shapes: splits that do not divide the steps, BLOCK_K not dividing K (masked
-# rows), BLOCK_K above the group size (scales per row of the tile), one-column blocks.
+# rows), BLOCK_K above the group size (scales per row of the tile), blocks narrower than N.
 CONFIG_CASES = [
-    ("gemv_splitk", 3, 32, 96, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3}),
-    ("gemv_splitk", 3, 128, 384, {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 1}),
-    ("gemv_splitk", 2, 32, 160, {"BLOCK_N": 8, "BLOCK_K": 128, "SPLIT_K": 2}),
-    ("gemv_splitk", 4, 64, 192, {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 4}),
-    ("gemm_splitk", 3, 32, 160, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3, "GROUP_M": 1}),
-    ("gemm_splitk", 2, 64, 192, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2, "GROUP_M": 1}),
-    ("gemm", 3, 32, 96, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 2}),
-    ("gemm", 4, 128, 384, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 1, "GROUP_M": 8}),
+    ("gemv_splitk", 3, 32, 96, dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=3)),
+    ("gemv_splitk", 3, 128, 384, dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=1)),
+    ("gemv_splitk", 2, 32, 160, dict(BLOCK_N=8, BLOCK_K=128, SPLIT_K=2)),
+    ("gemv_splitk", 4, 64, 192, dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=4)),
+    ("gemm_splitk", 3, 32, 160, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3, GROUP_M=1)),
+    ("gemm_splitk", 2, 64, 192, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, GROUP_M=1)),
+    ("gemm", 3, 32, 96, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1, GROUP_M=2)),
+    ("gemm", 4, 128, 384, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, GROUP_M=8)),
 ]
 
 
@@ -87,8 +88,6 @@ def test_realistic_data_within_rounding(device, bits, dtype):
     """Gaussian activations and bf16 scales: within the rounding of the activation dtype."""
     gen = torch.Generator().manual_seed(bits)
     n, k, group_size = 48, 256, 64
-    from gsq_vllm.packing import code_range
-
     low, high = code_range(bits)
     codes = torch.randint(low, high + 1, (n, k), generator=gen, dtype=torch.int8)
     scales = (torch.randn(n, k // group_size, generator=gen) * 0.02).to(torch.bfloat16)
@@ -101,7 +100,8 @@ def test_realistic_data_within_rounding(device, bits, dtype):
         expected = reference_matmul(x, codes, scales, group_size).float()
         # the dequantized weight and the output are each rounded once to the activation dtype
         bound = eps * (x.float().abs() @ weight_fp32.abs().t()) + eps * expected.abs() + 1e-6
-        assert ((out - expected).abs() <= bound).all(), (select_kernel(m), (out - expected).abs().max())
+        error = (out - expected).abs()
+        assert (error <= bound).all(), (select_kernel(m), error.max())
 
 
 def test_public_api_batches_and_bias(make_exact_case, device):
