@@ -7,6 +7,7 @@ modules are imported lazily, by these tests, so no other test sees interpreted k
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -15,7 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytest.importorskip("triton")
+if importlib.util.find_spec("triton") is None:  # e.g. the serving environment: layout tests only
+    collect_ignore = ["test_kernel_matmul.py", "test_kernel_inputs.py"]
 
 
 @pytest.fixture(scope="session")
