@@ -3,8 +3,9 @@
 At M = 1 a matmul is a stream over the weight, so the goal is to keep memory busy while
 spending as few instructions as possible per code: on an H100 a 2-bit weight arrives about as
 fast as four instructions a code can retire. Each program owns ``BLOCK_N`` output columns (4 to
-8 adjacent ones per thread) and one ``1 / SPLIT_K`` share of K; the shares meet in an fp32
-buffer through atomic adds.
+8 adjacent ones per thread) and one ``1 / SPLIT_K`` share of K; the shares add up in an fp32
+scratch that belongs to the weight, and the last share to arrive writes the output and zeroes
+the scratch again: one kernel launch per call, nothing to fill or cast around it.
 
 Per step it loads ``[BLOCK_K // 16, BLOCK_N]`` low-plane words (N contiguous: 16-byte loads,
 nothing loaded twice) and reads each word as two 16-bit halves. Within a half, code ``j`` sits
@@ -68,6 +69,8 @@ def gemv_splitk_kernel(
     high_ptr,
     scales_ptr,
     out_ptr,
+    partial_ptr,  # fp32 [>= M, N], all zero between calls: where the K shares add up
+    arrivals_ptr,  # int32 [>= M * cdiv(N, BLOCK_N)], all zero between calls
     M,
     N,
     K,
@@ -153,14 +156,28 @@ def gemv_splitk_kernel(
                 other=0.0,
             )
             acc += tl.sum(row_sums * scale.to(tl.float32), axis=0)
-    tl.atomic_add(out_ptr + pid_m * stride_om + offs_n, acc, mask=n_valid)
+    out = out_ptr + pid_m * stride_om + offs_n
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_valid)
+    else:
+        # The last share to arrive writes the output and leaves the scratch zeroed for the next
+        # call, so no separate zero-fill or cast kernel runs (they would cost as much as this
+        # kernel at M = 1). The barrier and the acq_rel counter order every thread's adds before
+        # the count; the last program reads the sums from L2 (.cg).
+        partial = partial_ptr + pid_m * N + offs_n
+        tl.atomic_add(partial, acc, mask=n_valid, sem="relaxed")
+        tl.debug_barrier()
+        arrivals = arrivals_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(arrivals, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.load(partial, mask=n_valid, other=0.0, cache_modifier=".cg")
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=n_valid)
+            tl.store(partial, tl.zeros_like(total), mask=n_valid)
+            tl.atomic_xchg(arrivals, 0, sem="relaxed")
 
 
 def _tuned_kernels() -> dict:
     return {
-        arch: triton.autotune(configs=configs, key=AUTOTUNE_KEY, reset_to_zero=["out_ptr"])(
-            gemv_splitk_kernel
-        )
+        arch: triton.autotune(configs=configs, key=AUTOTUNE_KEY)(gemv_splitk_kernel)
         for arch, configs in (("ampere", AMPERE_CONFIGS), ("hopper", HOPPER_CONFIGS))
     }
 
@@ -178,13 +195,21 @@ def gemv_splitk(x: torch.Tensor, weight, config: dict | None = None) -> torch.Te
 
     M, K = x.shape
     N = weight.out_features
-    out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    # The interpreter rounds fp32 -> bf16 inside a kernel wrongly, so there torch casts instead.
+    interpreted_bf16 = interpreting() and x.dtype == torch.bfloat16
+    out = torch.empty(M, N, dtype=torch.float32 if interpreted_bf16 else x.dtype, device=x.device)
+    partial, arrivals = weight.split_k_scratch
+    if M > partial.shape[0]:  # more rows than the weight's scratch holds: a fresh one
+        partial = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+        arrivals = torch.zeros(M * N, dtype=torch.int32, device=x.device)
     args = (
         x,
         weight.low_plane,
         weight.high_plane if weight.high_plane is not None else weight.low_plane,
         weight.scales,
         out,
+        partial,
+        arrivals,
         M,
         N,
         K,

@@ -117,6 +117,20 @@ def test_public_api_batches_and_bias(make_exact_case, device):
     ]
 
 
+def test_gemv_scratch_left_zeroed(make_exact_case, device):
+    """The GEMV's split-K scratch is zero after every call, so calls do not leak into each
+    other; more rows than the scratch holds get a fresh one."""
+    from gsq_vllm.kernels.gemv_splitk import gemv_splitk
+
+    codes, scales, x = make_exact_case(3, 40, 256, 2, 64, torch.float16)
+    weight = prepare_weight(codes.to(device), scales.to(device), 2, 64)
+    config = dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=3)
+    for rows in (x[:1], x[:2], x[:1], x):
+        out = gemv_splitk(rows.to(device), weight, config)
+        assert torch.equal(out.cpu(), reference_matmul(rows, codes, scales, 64))
+        assert all(not t.any() for t in weight.split_k_scratch)
+
+
 def test_weight_round_trip(make_exact_case, device):
     codes, scales, _ = make_exact_case(1, 17, 96, 3, 32, torch.float16)
     weight = prepare_weight(codes.to(device), scales.to(device), 3, 32)
