@@ -81,9 +81,9 @@ class GSQPackedWeight:
     group_size: int
     in_features: int  # K
     out_features: int  # N
-    # The GEMV's split-K scratch: fp32 [GEMV_MAX_M, N] partial sums and int32 [GEMV_MAX_M * N]
-    # arrival counters. Each call leaves them zeroed; so one weight must not run on two CUDA
-    # streams at once.
+    # The GEMV's split-K scratch: fp32 [GEMV_MAX_M, N] partial sums and int32
+    # [GEMV_MAX_M * ceil(N / 16)] arrival counters (8.5 bytes per output feature). Each call
+    # leaves them zeroed; so one weight must not run on two CUDA streams at once.
     split_k_scratch: tuple[torch.Tensor, torch.Tensor] = dataclasses.field(repr=False)
 
     @property
@@ -144,7 +144,9 @@ def prepare_weight(
         out_features=out_features,
         split_k_scratch=(
             torch.zeros(GEMV_MAX_M, out_features, dtype=torch.float32, device=codes.device),
-            torch.zeros(GEMV_MAX_M * out_features, dtype=torch.int32, device=codes.device),
+            torch.zeros(
+                GEMV_MAX_M * -(-out_features // 16), dtype=torch.int32, device=codes.device
+            ),
         ),
     )
 

@@ -70,7 +70,7 @@ def gemv_splitk_kernel(
     scales_ptr,
     out_ptr,
     partial_ptr,  # fp32 [>= M, N], all zero between calls: where the K shares add up
-    arrivals_ptr,  # int32 [>= M * cdiv(N, BLOCK_N)], all zero between calls
+    arrivals_ptr,  # int32 [>= M * cdiv(N, BLOCK_N)], all zero between calls (BLOCK_N >= 16)
     M,
     N,
     K,
@@ -201,7 +201,7 @@ def gemv_splitk(x: torch.Tensor, weight, config: dict | None = None) -> torch.Te
     partial, arrivals = weight.split_k_scratch
     if M > partial.shape[0]:  # more rows than the weight's scratch holds: a fresh one
         partial = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-        arrivals = torch.zeros(M * N, dtype=torch.int32, device=x.device)
+        arrivals = torch.zeros(M * triton.cdiv(N, 16), dtype=torch.int32, device=x.device)
     args = (
         x,
         weight.low_plane,
@@ -221,6 +221,8 @@ def gemv_splitk(x: torch.Tensor, weight, config: dict | None = None) -> torch.Te
     meta = dict(BITS=weight.bits, LOW_BITS=weight.low_bits, GROUP_SIZE=weight.group_size)
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
+    if config is not None and config["BLOCK_N"] < 16:
+        raise ValueError("BLOCK_N must be at least 16 (the split-K counters are sized for it)")
     if config is None:
 
         def grid(opts):

@@ -65,7 +65,7 @@ def test_exact(make_exact_case, device, kernel, bits, dtype, group_size, m, n):
 CONFIG_CASES = [
     ("gemv_splitk", 3, 32, 96, dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=3)),
     ("gemv_splitk", 3, 128, 384, dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=1)),
-    ("gemv_splitk", 2, 32, 160, dict(BLOCK_N=8, BLOCK_K=128, SPLIT_K=2)),
+    ("gemv_splitk", 2, 32, 160, dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=2)),
     ("gemv_splitk", 4, 64, 192, dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=4)),
     ("gemm_splitk", 3, 32, 160, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3, GROUP_M=1)),
     ("gemm_splitk", 2, 64, 192, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, GROUP_M=1)),
