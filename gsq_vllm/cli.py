@@ -1,5 +1,6 @@
 """``gsq-vllm``: the command line.
 
+    gsq-vllm quantize [--model DIR] [--recipe NAME|YAML] [--bits 2|3|ternary] [--output DIR] ...
     gsq-vllm eval [--model DIR] [--reference DIR] [--text wiki|news|calibration|FILE] ...
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -64,6 +66,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from gsq_vllm.evaluation import format_table
+    from gsq_vllm.quantize import edit_recipe, load_recipe, quantize, recipe_summary
+
+    model = Path(args.model or data.default_model_dir())
+    recipe = edit_recipe(
+        load_recipe(args.recipe), bits=args.bits, group_size=args.group_size, steps=args.steps, seed=args.seed
+    )
+    summary = recipe_summary(recipe)
+    output = Path(args.output or Path("outputs") / f"{model.name}-{summary['method']}-w{summary['bits']}-g{summary['group_size']}")
+    result = quantize(
+        model, recipe, output, calibration_text=args.calibration_text, calibration_samples=args.calibration_samples,
+        calibration_seq_len=args.calibration_seq_len, overwrite=args.overwrite,
+    )
+    record = {**summary, "output": str(result.output_dir), "quant_seconds": result.seconds,
+              "peak_mem_mb": result.peak_mem_mb, "gsq_layers": result.report}
+    if not args.no_eval:
+        scores = evaluate_models(result.output_dir, model, args.text, args.windows, args.seq_len, not args.from_start)
+        record.update({k: scores[k] for k in ("ce", "ppl", "ear", "kl", "reference_ce", "tokens")})
+        record["reference_ppl"] = math.exp(scores["reference_ce"])
+        print(format_table([record], ["output", "bits", "group_size", "ppl", "reference_ppl", "ear", "kl", "quant_seconds"]))
+    else:
+        print(f"wrote {result.output_dir} in {result.seconds:.0f} s")
+    if args.json:
+        _write_json_atomic(Path(args.json), record)
+    return 0
+
+
 def _write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
@@ -71,10 +101,35 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+def _bits(value: str) -> int | str:
+    if value == "ternary":
+        return value
+    if value not in ("2", "3", "4"):
+        raise argparse.ArgumentTypeError(f"bits must be 2, 3, 4 or ternary, got {value!r}")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gsq-vllm", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    qz = sub.add_parser("quantize", help="quantize a model with a recipe (default: GSQ 3-bit on the default model)")
+    qz.add_argument("--model", default=None, help="HF model folder (default: the default model)")
+    qz.add_argument("--recipe", default="gsq_w3a16_g64", help="recipe name in recipes/ or a YAML file")
+    qz.add_argument("--bits", default=None, type=_bits, help="override the recipe's bits: 2, 3, 4 or ternary")
+    qz.add_argument("--group-size", type=int, default=None, help="override the recipe's group size")
+    qz.add_argument("--steps", type=int, default=None, help="override GSQ's optimisation steps per layer/block")
+    qz.add_argument("--seed", type=int, default=None, help="override GSQ's seed")
+    qz.add_argument("--calibration-text", default="calibration", help="calibration | path to a UTF-8 text file")
+    qz.add_argument("--calibration-samples", type=int, default=128)
+    qz.add_argument("--calibration-seq-len", type=int, default=512)
+    qz.add_argument("--output", default=None, help="checkpoint folder (default: outputs/<model>-<method>-w<bits>-g<group>)")
+    qz.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    qz.add_argument("--no-eval", action="store_true", help="skip the perplexity / EAR evaluation")
+    qz.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    _add_eval_options(qz)
+    qz.set_defaults(func=cmd_quantize)
 
     ev = sub.add_parser("eval", help="perplexity of a model folder or checkpoint; EAR and KL against a reference")
     ev.add_argument("--model", default=None, help="HF folder or compressed-tensors checkpoint (default: the default model)")
@@ -91,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[%(name)s] %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:  # bad input: one clear line, no traceback
+    except (FileNotFoundError, FileExistsError, ValueError) as err:  # bad input: one clear line, no traceback
         print(f"gsq-vllm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -30,6 +30,7 @@ the outputs of already-quantized ones; on_finalize clears the state.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import functools
 import re
 import time
@@ -51,7 +52,12 @@ from llmcompressor.observers import ACTIVATION_OBS
 
 from gsq_vllm.gsq import GSQConfig, Grid, dequantize, get_grid, optimize_block, optimize_layer, rtn_quantize
 
-__all__ = ["GSQModifier"]
+__all__ = ["GSQModifier", "codes_digest"]
+
+
+def codes_digest(codes: torch.Tensor) -> str:
+    """A short fingerprint of a code matrix, to check a checkpoint holds exactly GSQ's choice."""
+    return hashlib.sha1(codes.to(torch.int8).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -95,7 +101,7 @@ class GSQModifier(GPTQModifier):
     lr_logits: float = 2e-3
     lr_scales: float = 1e-4
     weight_decay: float = 1.0
-    tau: tuple[float, float] = (2.0, 0.5)
+    tau: tuple[float, float] = (2.0, 0.2)
     kappa: tuple[float, float] = (100.0, 500.0)
     tokens_per_step: int = Field(default=2048, ge=1)
     logits_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -271,7 +277,7 @@ class GSQModifier(GPTQModifier):
         start = time.time()
         result = optimize_layer(module.weight.detach().float(), hessian, codes, scales, self._grids[module],
                                 self.gsq_config(), name=name)
-        self._log(name, "layer", result, time.time() - start)
+        self._log(name, "layer", result, time.time() - start, {name: result.codes[name]})
         self._write(module, result.codes[name], result.scales[name])
         self._initial.pop(module)
 
@@ -301,18 +307,20 @@ class GSQModifier(GPTQModifier):
             {rel: init[rel][0] for rel in members}, {rel: init[rel][1] for rel in members},
             grids.pop(), self.gsq_config(), name=block_name,
         )
-        self._log(block_name, "block", result, time.time() - start)
+        self._log(block_name, "block", result, time.time() - start,
+                  {f"{block_name}.{rel}": result.codes[rel] for rel in members})
         for rel, m in members.items():
             self._write(m, result.codes[rel], result.scales[rel])
 
-    def _log(self, name: str, objective: str, result, seconds: float) -> None:
+    def _log(self, name: str, objective: str, result, seconds: float, codes: dict[str, torch.Tensor]) -> None:
         change = 100 * (1 - result.final_loss / result.initial_loss) if result.initial_loss else 0.0
         logger.info(
             f"GSQ {name} ({objective}): objective {result.initial_loss:.4g} ({self.init}) -> {result.final_loss:.4g} "
             f"({change:+.1f}% better){' kept init' if result.kept_initial else ''} in {seconds:.1f}s"
         )
         self._report.append(dict(name=name, objective=objective, initial=result.initial_loss,
-                                 final=result.final_loss, kept_initial=result.kept_initial, seconds=seconds))
+                                 final=result.final_loss, kept_initial=result.kept_initial, seconds=seconds,
+                                 codes_sha1={layer: codes_digest(c) for layer, c in codes.items()}))
 
     def _write(self, module: torch.nn.Module, codes: torch.Tensor, scales: torch.Tensor) -> None:
         """Fake-quantised weight and its scale; compressed-tensors packs them into codes on save."""

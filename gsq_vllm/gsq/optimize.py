@@ -37,7 +37,7 @@ class GSQConfig:
     weight_decay: float = 1.0  # decoupled, logits only
     betas: tuple[float, float] = (0.9, 0.95)
     min_lr_ratio: float = 0.1  # cosine decay to this fraction
-    tau: tuple[float, float] = (2.0, 0.5)  # linear anneal, start -> end
+    tau: tuple[float, float] = (2.0, 0.2)  # linear anneal, start -> end
     kappa: tuple[float, float] = (100.0, 500.0)  # logit multiplier, start -> end
     logit_std: float = 0.01
     prior_strength: float = 6.0
@@ -148,7 +148,7 @@ def _train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        history.append(float(loss))
+        history.append(loss.item())
     return history
 
 

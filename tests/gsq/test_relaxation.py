@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from gsq_vllm.gsq import RelaxedWeight, get_grid, gumbel_noise, rtn_quantize
+
+
+def explicit_soft_weight(relaxed: RelaxedWeight, kappa: float, tau: float, seed: int) -> torch.Tensor:
+    """The relaxation written out with plain autograd (stores the softmax)."""
+    z = (kappa * relaxed.logits.float() + gumbel_noise(relaxed.logits.shape, seed, relaxed.logits.device)) / tau
+    if relaxed.mask is not None:
+        z = z + relaxed.mask
+    soft = (torch.softmax(z, -1) * relaxed.values).sum(-1)
+    return soft * relaxed.scales.repeat_interleave(relaxed.group_size, dim=1)
+
+
+@pytest.mark.parametrize("bits", ["ternary", 2, 3])
+def test_recomputed_backward_matches_autograd(bits):
+    grid = get_grid(bits)
+    weight = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    codes, scales = rtn_quantize(weight, grid, 32)
+    relaxed = RelaxedWeight(grid, codes, scales, logit_std=0.3, prior_strength=1.0,
+                            generator=torch.Generator().manual_seed(0))
+    upstream = torch.randn(6, 64)
+    grads = []
+    for fn in (lambda: relaxed.soft_weight(3.0, 0.7, seed=11), lambda: explicit_soft_weight(relaxed, 3.0, 0.7, 11)):
+        relaxed.zero_grad()
+        out = fn()
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), relaxed.logits.grad.clone(), relaxed.scales.grad.clone()))
+    for ours, reference in zip(grads[0], grads[1]):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    assert grads[0][1].abs().sum() > 0
+
+
+def test_finite_differences_on_one_logit():
+    grid = get_grid(2)
+    codes, scales = rtn_quantize(torch.randn(2, 32), grid, 32)
+    relaxed = RelaxedWeight(grid, codes, scales, logit_std=0.5, prior_strength=1.0,
+                            generator=torch.Generator().manual_seed(1))
+    relaxed.logits.data = relaxed.logits.data.double().float()
+    loss = relaxed.soft_weight(2.0, 1.0, seed=5).square().sum()
+    loss.backward()
+    analytic = relaxed.logits.grad[0, 3, 1].item()
+    eps = 1e-3
+    with torch.no_grad():
+        relaxed.logits[0, 3, 1] += eps
+        up = relaxed.soft_weight(2.0, 1.0, seed=5).square().sum().item()
+        relaxed.logits[0, 3, 1] -= 2 * eps
+        down = relaxed.soft_weight(2.0, 1.0, seed=5).square().sum().item()
+    assert analytic == pytest.approx((up - down) / (2 * eps), rel=2e-2, abs=1e-4)
+
+
+@pytest.mark.parametrize("bits", ["ternary", 2, 3, 4])
+def test_initial_argmax_is_the_initial_codes(bits):
+    grid = get_grid(bits)
+    codes, scales = rtn_quantize(torch.randn(16, 128), grid, 64)
+    relaxed = RelaxedWeight(grid, codes, scales, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(relaxed.hard_codes(), codes)
+
+
+def test_local_relaxation_never_leaves_the_grid():
+    grid = get_grid(3)
+    codes = torch.tensor([[-4, 3, 0, -3]], dtype=torch.int8)
+    relaxed = RelaxedWeight(grid, codes, torch.ones(1, 1))
+    with torch.no_grad():
+        relaxed.logits.normal_(0, 10)
+    hard = relaxed.hard_codes()
+    assert hard.min() >= -4 and hard.max() <= 3
