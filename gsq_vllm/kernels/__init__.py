@@ -14,6 +14,7 @@ From checkpoint to kernel (once, at load time)::
         low_plane  int32 [K // 16, N]   (4-bit: [K // 8, N])   N contiguous
         high_plane int32 [K // 32, N]   3-bit only, else None
         scales     [K // group_size, N], the checkpoint's dtype, N contiguous
+        split_k_scratch  the GEMV's zeroed fp32/int32 scratch (8.5 bytes per output feature)
 
 The plane layout is defined (and inverted, for tests) in gsq_vllm.packing: see
 ``pack_kernel_planes``. Then, at every forward::
@@ -26,7 +27,10 @@ The plane layout is defined (and inverted, for tests) in gsq_vllm.packing: see
 ``gsq_matmul`` picks a kernel by M = rows of x (:func:`select_kernel`): M <= 2 the CUDA-core
 split-K GEMV (gemv_splitk.py), M <= 16 the tensor-core kernel with split-K, larger M the tiled
 tensor-core GEMM (gemm.py). Each kernel autotunes per GPU architecture (Ampere or Hopper list)
-and per (M rounded up to a power of two, N, K, bits, group size, dtypes).
+and per (M rounded up to a power of two, N, K, bits, group size, dtypes), at the first call
+with each such key: run every batch size once before capturing CUDA graphs (vLLM's warm-up
+does). A weight's GEMV scratch makes concurrent calls on two CUDA streams with the same weight
+unsafe; one stream per model, as vLLM runs, is fine.
 
 Constraints: bits in (2, 3, 4); group_size in (32, 64, 128) and dividing K; CUDA sm_80 or later,
 or the CPU with ``TRITON_INTERPRET=1`` (tests). This package imports without Triton; only the
