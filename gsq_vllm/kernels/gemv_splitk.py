@@ -218,7 +218,12 @@ def gemv_splitk(x: torch.Tensor, weight, config: dict | None = None) -> torch.Te
         out.stride(0),
         FLOAT_TWO_POW_23.value,
     )
-    meta = dict(BITS=weight.bits, LOW_BITS=weight.low_bits, GROUP_SIZE=weight.group_size)
+    meta = dict(
+        BITS=weight.bits,
+        LOW_BITS=weight.low_bits,
+        GROUP_SIZE=weight.group_size,
+        enable_fp_fusion=True,  # one FFMA per code; Triton 3.10 stops fusing by default
+    )
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
     if config is not None and config["BLOCK_N"] < 16:
