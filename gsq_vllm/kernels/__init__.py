@@ -87,8 +87,11 @@ class GSQPackedWeight:
     out_features: int  # N
     # The GEMV's split-K scratch: fp32 [GEMV_MAX_M, N] partial sums and int32
     # [GEMV_MAX_M * ceil(N / 16)] arrival counters (8.5 bytes per output feature). Each call
-    # leaves them zeroed; so one weight must not run on two CUDA streams at once.
-    split_k_scratch: tuple[torch.Tensor, torch.Tensor] = dataclasses.field(repr=False)
+    # leaves them zeroed, so one weight must not run on two CUDA streams at once. None (e.g. a
+    # GSQPackedWeight rebuilt from stored planes): each GEMV call allocates a zeroed one.
+    split_k_scratch: tuple[torch.Tensor, torch.Tensor] | None = dataclasses.field(
+        default=None, repr=False
+    )
 
     @property
     def low_bits(self) -> int:

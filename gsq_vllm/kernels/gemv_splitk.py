@@ -198,8 +198,10 @@ def gemv_splitk(x: torch.Tensor, weight, config: dict | None = None) -> torch.Te
     # The interpreter rounds fp32 -> bf16 inside a kernel wrongly, so there torch casts instead.
     interpreted_bf16 = interpreting() and x.dtype == torch.bfloat16
     out = torch.empty(M, N, dtype=torch.float32 if interpreted_bf16 else x.dtype, device=x.device)
-    partial, arrivals = weight.split_k_scratch
-    if M > partial.shape[0]:  # more rows than the weight's scratch holds: a fresh one
+    scratch = weight.split_k_scratch
+    if scratch is not None and M <= scratch[0].shape[0]:
+        partial, arrivals = scratch
+    else:  # none kept with the weight, or too few rows: a fresh one (one zero-fill more)
         partial = torch.zeros(M, N, dtype=torch.float32, device=x.device)
         arrivals = torch.zeros(M * triton.cdiv(N, 16), dtype=torch.int32, device=x.device)
     args = (

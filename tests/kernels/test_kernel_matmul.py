@@ -131,6 +131,20 @@ def test_gemv_scratch_left_zeroed(make_exact_case, device):
         assert all(not t.any() for t in weight.split_k_scratch)
 
 
+def test_weight_rebuilt_from_planes(make_exact_case, device):
+    """A GSQPackedWeight rebuilt from its stored planes (as the vLLM plugin does per call),
+    without the scratch, still gives exact results."""
+    import dataclasses
+
+    codes, scales, x = make_exact_case(2, 24, 128, 3, 32, torch.float16)
+    packed = prepare_weight(codes.to(device), scales.to(device), 3, 32)
+    fields = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)}
+    rebuilt = GSQPackedWeight(**{**fields, "split_k_scratch": None})
+    for rows in (x[:1], x):
+        expected = reference_matmul(rows, codes, scales, 32)
+        assert torch.equal(gsq_matmul(rows.to(device), rebuilt).cpu(), expected)
+
+
 def test_weight_round_trip(make_exact_case, device):
     codes, scales, _ = make_exact_case(1, 17, 96, 3, 32, torch.float16)
     weight = prepare_weight(codes.to(device), scales.to(device), 3, 32)
