@@ -59,8 +59,11 @@ class _SoftCodes(torch.autograd.Function):
 class RelaxedWeight(torch.nn.Module):
     """Learnable logits and per-group scales for one Linear weight ``[out, in]``.
 
-    Initialised so that the noiseless argmax is exactly the initial codes (GPTQ's or RTN's): the
-    prior is a centred ``-(v_k - c0)^2 / 2`` per candidate, plus a little Gaussian noise.
+    The logits start centred on the initial codes ``c0`` (GPTQ's or RTN's):
+    ``logit_std * (N(0, 1) + prior_strength * centred(-(v_k - c0)^2 / 2))``. With the defaults
+    (0.01, 6) neighbouring levels start 3 noise-std apart, so the noise alone flips a few percent
+    of the argmax codes; the optimiser's start is the soft sample around ``c0``, and the result
+    is only kept if it beats ``c0`` (see ``optimize._finish``).
     """
 
     def __init__(

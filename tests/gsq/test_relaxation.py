@@ -51,11 +51,14 @@ def test_finite_differences_on_one_logit():
 
 
 @pytest.mark.parametrize("bits", ["ternary", 2, 3, 4])
-def test_initial_argmax_is_the_initial_codes(bits):
+def test_initial_argmax_is_centred_on_the_initial_codes(bits):
     grid = get_grid(bits)
-    codes, scales = rtn_quantize(torch.randn(16, 128), grid, 64)
+    codes, scales = rtn_quantize(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)), grid, 64)
     relaxed = RelaxedWeight(grid, codes, scales, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(relaxed.hard_codes(), codes)
+    agree = (relaxed.hard_codes() == codes).float().mean().item()
+    assert agree > 0.9  # the init's Gaussian jitter flips a few percent (gap 3 vs noise std 1.4)
+    exact = RelaxedWeight(grid, codes, scales, logit_std=0.01, prior_strength=1e3)
+    assert torch.equal(exact.hard_codes(), codes)
 
 
 def test_local_relaxation_never_leaves_the_grid():
