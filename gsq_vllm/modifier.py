@@ -141,8 +141,9 @@ class GSQModifier(GPTQModifier):
         return list(self._report)
 
     def on_initialize(self, state: State, **kwargs) -> bool:
-        super().on_initialize(state, **kwargs)
+        super().on_initialize(state, **kwargs)  # llmcompressor checks group sizes here too
         model = state.model
+        # GSQ cannot honour bypass_divisibility_checks: every group must be whole
         indivisible = get_layers_indivisible_by_group_size(model, self.resolved_targets, self.ignore)
         if indivisible:
             lines = "\n".join(f"  - {name}: in_features {cols} is not a multiple of group_size {gs}"
