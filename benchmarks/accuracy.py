@@ -72,6 +72,8 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 def cache_key(name: str, settings: dict) -> str:
     method, bits, recipe = METHODS[name]
+    if method != "gsq":  # GSQ's budget does not change the other methods' results
+        settings = {k: v for k, v in settings.items() if k != "gsq_steps"}
     payload = {"name": name, "settings": settings, "recipe": (ROOT / "recipes" / f"{recipe}.yaml").read_text() if recipe else None,
                "gsq_sources": source_digest() if method == "gsq" else None}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
