@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when a @triton.jit function is defined; any test module may
+# import the kernels (the serving plugin does), so set it before the first test is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_LLMCOMPRESSOR = importlib.util.find_spec("llmcompressor") is not None
 
