@@ -56,16 +56,16 @@ def evaluate(
         batch = windows[start : start + batch_size]
         targets = batch[:, 1:].reshape(-1)
         log_q = torch.log_softmax(_logits(model, batch)[:, :-1].reshape(-1, model.config.vocab_size), dim=-1)
-        nll_sum += float(-log_q.gather(1, targets[:, None]).sum())
+        nll_sum += float(-log_q.gather(1, targets[:, None]).sum(dtype=torch.float64))
         positions += targets.numel()
         if reference is not None:
             log_p = torch.log_softmax(
                 _logits(reference, batch)[:, :-1].reshape(-1, reference.config.vocab_size), dim=-1
             )
-            ref_nll_sum += float(-log_p.gather(1, targets[:, None]).sum())
+            ref_nll_sum += float(-log_p.gather(1, targets[:, None]).sum(dtype=torch.float64))
             p = log_p.exp()
-            ear_sum += float(torch.minimum(p, log_q.exp()).sum())
-            kl_sum += float((p * (log_p - log_q)).sum())
+            ear_sum += float(torch.minimum(p, log_q.exp()).sum(dtype=torch.float64))  # fp64: 49k-term sums
+            kl_sum += float((p * (log_p - log_q)).sum(dtype=torch.float64))
             del p, log_p
         del log_q
     ce = nll_sum / positions

@@ -30,7 +30,7 @@ def test_perplexity_matches_transformers_and_ear_is_one():
         reference = sum(model(w[None], labels=w[None]).loss.item() for w in windows) / len(windows)
     ours = evaluate(model, windows, model, progress=False)
     assert ours.ppl == pytest.approx(torch.tensor(reference).exp().item(), rel=0.01)
-    assert ours.ear == pytest.approx(1.0, abs=1e-6)
+    assert ours.ear == pytest.approx(1.0, abs=1e-5)  # sum_v p(v) over 49k fp32 probabilities
     assert 10 < ours.ppl < 40  # SmolLM2-135M on clean Wikipedia
 
 
