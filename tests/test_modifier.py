@@ -83,7 +83,6 @@ def test_same_seed_reaches_the_same_objectives(tiny_model_dir, gsq2, tmp_path):
     again = run(tiny_model_dir, gsq_recipe(2), tmp_path / "again")
     for first, second in zip(gsq2.report, again.report):
         assert first["name"] == second["name"]
-        assert second["initial"] == pytest.approx(first["initial"], rel=1e-3)  # same GPTQ start
         assert second["final"] <= second["initial"]
         assert second["final"] == pytest.approx(first["final"], rel=0.2)  # seen: up to 6% apart
 
