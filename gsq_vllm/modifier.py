@@ -249,7 +249,6 @@ class GSQModifier(GPTQModifier):
         weight = module.weight.detach().to(torch.float32)
         quant_args = module.quantization_scheme.weights
         group_size = quant_args.group_size or in_features
-        _, scales = rtn_quantize(weight, grid, group_size)
         if self.init == "gptq":
             observer_scale = module.weight_observer.get_qparams()["scale"].to(torch.float32)
             # int grids: the observer's scale; ternary: absmax instead of int2's absmax / 1.5
