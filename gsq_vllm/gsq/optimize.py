@@ -159,6 +159,8 @@ def _train(
             name: r.soft_weight(kappa, tau, noise_seed + 7919 * index) for index, (name, r) in enumerate(relaxed.items())
         }
         loss = loss_fn(soft, step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{description}: the relaxed objective is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -30,7 +30,8 @@ def _hash_uniform(shape: torch.Size, seed: torch.Tensor, device: torch.device) -
     """Uniform(0, 1) from a 32-bit integer hash of (element index, seed): replayable, stateless.
 
     Multipliers stay below 2**31 so every product fits in int64 (no overflow, same result
-    eager and compiled). 24 random bits per sample, never exactly 0 or 1.
+    eager and compiled). 23 random bits per sample: ``(k + 0.5) / 2**23`` is exact in float32,
+    so a sample is never 0 or 1 (24 bits would round the top value up to 1.0, and log(-log 1) = inf).
     """
     count = 1
     for size in shape:
@@ -44,7 +45,12 @@ def _hash_uniform(shape: torch.Size, seed: torch.Tensor, device: torch.device) -
     x = x ^ (x >> 16)
     x = (x * 0x297A2D39) & _MASK32
     x = x ^ (x >> 15)
-    return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return _unit_interval(x)
+
+
+def _unit_interval(hashed: torch.Tensor) -> torch.Tensor:
+    """32-bit hash values -> floats strictly inside (0, 1)."""
+    return ((hashed >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 def gumbel_noise(shape: torch.Size, seed: int | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -80,6 +80,17 @@ def test_gumbel_noise_is_replayable_and_gumbel_distributed():
     assert abs(torch.corrcoef(torch.stack([first[:-1], first[1:]]))[0, 1].item()) < 0.01
 
 
+def test_gumbel_noise_is_finite_at_the_extremes_of_the_hash():
+    from gsq_vllm.gsq import relaxation
+
+    # every 32-bit hash value, the largest and smallest included, maps strictly inside (0, 1)
+    extremes = torch.tensor([0, 1, 511, 512, 2**32 - 513, 2**32 - 1], dtype=torch.int64)
+    uniform = relaxation._unit_interval(extremes)
+    assert (uniform > 0).all() and (uniform < 1).all()
+    for seed in range(8):  # many samples: about 10 per seed would hit the top value with 24 bits
+        assert torch.isfinite(relaxation.gumbel_noise((1 << 21, 5), seed)).all()
+
+
 @pytest.mark.parametrize("bits", ["ternary", 2, 3])
 def test_fused_relaxation_matches_eager(bits):
     """The torch.compile-d forward and backward compute the same numbers as eager PyTorch."""
