@@ -92,6 +92,8 @@ class GSQModifier(GPTQModifier):
         output (``re:`` prefix for a regex on the module name).
     :param layer_objective: for Linears outside any block: ``hessian`` (GSQ on the layer
         objective) or ``none`` (keep the initialisation).
+    :param prior_strength: how strongly the initial logits favour the initial codes (see
+        :class:`gsq_vllm.gsq.RelaxedWeight`).
     :param max_block_tokens: cap on the cached calibration tokens per block (memory).
     :param fused: ``torch.compile`` the relaxation and optimiser loops (several times faster on a
         CPU; falls back to eager PyTorch when compiling fails).
@@ -105,6 +107,7 @@ class GSQModifier(GPTQModifier):
     weight_decay: float = 1.0
     tau: tuple[float, float] = (2.0, 0.2)
     kappa: tuple[float, float] = (100.0, 500.0)
+    prior_strength: float = Field(default=12.0, gt=0)
     tokens_per_step: int = Field(default=2048, ge=1)
     logits_dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
@@ -134,7 +137,8 @@ class GSQModifier(GPTQModifier):
     def gsq_config(self) -> GSQConfig:
         return GSQConfig(
             steps=self.steps, lr_logits=self.lr_logits, lr_scales=self.lr_scales, weight_decay=self.weight_decay,
-            tau=tuple(self.tau), kappa=tuple(self.kappa), tokens_per_step=self.tokens_per_step,
+            tau=tuple(self.tau), kappa=tuple(self.kappa), prior_strength=self.prior_strength,
+            tokens_per_step=self.tokens_per_step,
             logits_dtype=self.logits_dtype, seed=self.seed, dampening=self.dampening_frac or 0.01,
             fused=self.fused,
         )

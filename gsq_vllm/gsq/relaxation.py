@@ -108,10 +108,12 @@ class RelaxedWeight(torch.nn.Module):
     """Learnable logits and per-group scales for one Linear weight ``[out, in]``.
 
     The logits start centred on the initial codes ``c0`` (GPTQ's or RTN's):
-    ``logit_std * (N(0, 1) + prior_strength * centred(-(v_k - c0)^2 / 2))``. With the defaults
-    (0.01, 6) neighbouring levels start 3 noise-std apart, so the noise alone flips a few percent
-    of the argmax codes; the optimiser's start is the soft sample around ``c0``, and the result
-    is only kept if it beats ``c0`` (see ``optimize._finish``).
+    ``logit_std * (N(0, 1) + prior_strength * centred(-(v_k - c0)^2 / 2))``. With kappa 100 a
+    neighbouring level starts ``100 * 0.01 * prior_strength / 2`` below ``c0`` in the softmax, so
+    the Gumbel noise re-samples about ``2 / (1 + exp(that gap))`` of the codes each step: 9% with
+    the authors' strength 6 (fine for their ~1000 steps), under 1% with our default 12, which a
+    60-step budget needs (benchmarks/results/ablation_gsq_start.md). The result is only kept if
+    it beats ``c0`` (see ``optimize._finish``).
     """
 
     def __init__(
@@ -121,7 +123,7 @@ class RelaxedWeight(torch.nn.Module):
         scales: torch.Tensor,
         *,
         logit_std: float = 0.01,
-        prior_strength: float = 6.0,
+        prior_strength: float = 12.0,
         logits_dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
         fused: bool = False,
