@@ -60,12 +60,14 @@ def capture(layer_index: int, samples: int, seq_len: int) -> dict[str, torch.Ten
     return out
 
 
-def gptq_start(weight, hessian, grid, group_size):
+def gptq_start(weight, hessian, grid, group_size, actorder=None):
+    """llmcompressor's GPTQ codes and scales (``actorder="static"`` is GPTQModifier's default)."""
     from compressed_tensors.quantization import QuantizationArgs
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 
     _, scales = rtn_quantize(weight, grid, group_size)
-    args = QuantizationArgs(num_bits=grid.storage_bits, type="int", symmetric=True, strategy="group", group_size=group_size)
+    args = QuantizationArgs(num_bits=grid.storage_bits, type="int", symmetric=True, strategy="group", group_size=group_size,
+                            actorder=actorder)
     quantized, _, _ = quantize_weight(weights=weight.clone()[None], hessians=hessian.clone()[None], scale=scales[None],
                                       zero_point=torch.zeros_like(scales, dtype=torch.int8)[None], global_scale=None,
                                       quant_args=args, blocksize=128, percdamp=0.01)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ablation_layer import capture
-from gsq_vllm.gsq import GSQConfig, get_grid, optimize_block, optimize_layer, rtn_quantize
+from ablation_layer import capture, gptq_start
+from gsq_vllm.gsq import GSQConfig, get_grid, optimize_block, optimize_layer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,17 +45,7 @@ BLOCK_VARIANTS = {
 
 def act_order_gptq(weight: torch.Tensor, hessian: torch.Tensor, grid, group_size: int = 64):
     """llmcompressor's GPTQ with GPTQModifier's default ``actorder: static``."""
-    from compressed_tensors.quantization import QuantizationArgs
-    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-
-    _, scales = rtn_quantize(weight, grid, group_size)
-    args = QuantizationArgs(num_bits=grid.storage_bits, type="int", symmetric=True, strategy="group",
-                            group_size=group_size, actorder="static")
-    quantized, _, _ = quantize_weight(weights=weight.clone()[None], hessians=hessian.clone()[None], scale=scales[None],
-                                      zero_point=torch.zeros_like(scales, dtype=torch.int8)[None], global_scale=None,
-                                      quant_args=args, blocksize=128, percdamp=0.01)
-    codes = torch.round(quantized[0] / scales.repeat_interleave(group_size, 1)).clamp(grid.qmin, grid.qmax)
-    return codes.to(torch.int8), scales
+    return gptq_start(weight, hessian, grid, group_size, actorder="static")
 
 
 def main() -> int:
