@@ -1,12 +1,13 @@
-"""Ablation on one real layer: how much each GSQ setting lowers the objective of its start.
+"""Ablation on one real decoder layer: how far GSQ's settings take the layer's objective.
 
-Captures the calibration inputs of one decoder layer of the default model (full-precision
-forward, the start of the calibration text), then, for one Linear (the layer objective
-``||(W - Q) L||^2 / ||W L||^2``) and for the whole MLP (the block objective, gate/up/down jointly),
-runs llmcompressor's GPTQ and RTN as starts and GSQ with several settings. Cheap enough to run
-beside the full accuracy benchmark, and it tells which knobs matter before spending hours there.
+Captures one decoder layer of the default model as the modifier sees it (its real inputs from a
+full-precision forward over calibration windows: hidden states, position embeddings, mask; and
+the Hessian of every Linear), starts from GPTQ on the GSQ grid (:func:`gsq_vllm.gsq.gptq_quantize`,
+the modifier's own start) and trains all seven Linears jointly on the layer's output with each
+variant. The objective is the relative MSE of the layer's output on held-out sequences. Minutes
+per variant, so it tells which knobs matter before the whole-model benchmark spends hours.
 
-    .venv/bin/python benchmarks/ablation_layer.py --layer 3
+    .venv/bin/python benchmarks/ablation_layer.py --layer 3 --bits 3 2
 Writes benchmarks/results/ablation_layer_smollm2.json and .md.
 """
 
@@ -20,121 +21,96 @@ from pathlib import Path
 import torch
 
 from gsq_vllm import data
-from gsq_vllm.gsq import GSQConfig, dequantize, get_grid, hessian_factor, layer_objective, optimize_block, optimize_layer, rtn_quantize
+from gsq_vllm.gsq import GSQConfig, accumulate_hessian, get_grid, gptq_quantize, initial_scales, optimize_block, quantize_to_grid
+from gsq_vllm.gsq.blocks import BlockInputs, linears_with_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# the settings its committed table was measured with (the defaults have moved on since)
-SESSION1 = {"prior_strength": 6.0}
-
-LAYER_VARIANTS = {
-    "default (lr 2e-3, kappa 100->500, tau 2->0.2, 100 steps)": {},
-    "lr 1e-3": {"lr_logits": 1e-3},
-    "lr 5e-3": {"lr_logits": 5e-3},
-    "kappa 30->300, tau 1->0.1": {"kappa": (30.0, 300.0), "tau": (1.0, 0.1)},
-    "tau 2->0.5": {"tau": (2.0, 0.5)},
-    "200 steps": {"steps": 200},
-    "bf16 logits": {"logits_dtype": "bfloat16"},
+# each variant changes the default (first row) in one way
+VARIANTS = {
+    "start: GPTQ, compressed-tensors' clipped grid": dict(steps=0, scale_init="symmetric"),
+    "start: GPTQ, full-range signed grid": dict(steps=0),
+    "start: round to nearest, full range": dict(steps=0, init="rtn"),
+    "GSQ default (100 steps, lr 1e-3, 1024 tokens/step)": dict(),
+    "lr 2e-3 (the previous default)": dict(lr_logits=2e-3),
+    "lr 5e-4": dict(lr_logits=5e-4),
+    "lr 5e-4, 200 steps": dict(lr_logits=5e-4, steps=200),
+    "prior strength 6 (the authors')": dict(prior_strength=6.0),
+    "prior strength 20": dict(prior_strength=20.0),
+    "4096 tokens/step": dict(tokens_per_step=4096),
+    "scales frozen (lr_scales 0)": dict(lr_scales=0.0),
+    "clipped grid start": dict(scale_init="symmetric"),
 }
 
 
-def capture(layer_index: int, samples: int, seq_len: int) -> dict[str, torch.Tensor]:
+def capture(layer_index: int, sequences: int, seq_len: int):
+    """The layer, its Linears, its recorded calls and each Linear's Hessian (full-precision inputs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = data.default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    windows = data.take_windows(data.tokenize_file(data.text_path("calibration"), tokenizer), data.WindowSpec(samples, seq_len))
+    tokens = data.tokenize_file(data.text_path("calibration"), tokenizer)
+    windows = data.take_windows(tokens, data.WindowSpec(sequences, seq_len, spread=True))
     layer = model.model.layers[layer_index]
-    store: dict[str, list[torch.Tensor]] = {"attn_in": [], "mlp_in": []}
-    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, a, o: store["attn_in"].append(a[0].reshape(-1, a[0].shape[-1]))),
-             layer.mlp.register_forward_hook(lambda m, a, o: store["mlp_in"].append(a[0].reshape(-1, a[0].shape[-1])))]
+    linears = {name: module for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)}
+    calls = BlockInputs(dtype=torch.float32)
+    hessians: dict[str, torch.Tensor] = {}
+
+    def hessian_hook(name):
+        return lambda _m, args, _o: hessians.__setitem__(name, accumulate_hessian(hessians.get(name), args[0]))
+
+    hooks = [layer.register_forward_pre_hook(calls.capture, with_kwargs=True)]
+    hooks += [module.register_forward_hook(hessian_hook(name)) for name, module in linears.items()]
     with torch.no_grad():
-        for start in range(0, samples, 8):
-            model(windows[start : start + 8])
+        for row in windows:
+            model.model(row[None])
     for hook in hooks:
         hook.remove()
-    out = {k: torch.cat(v) for k, v in store.items()}
-    out["q_proj"] = layer.self_attn.q_proj.weight.detach().clone()
-    out.update({n: getattr(layer.mlp, n).weight.detach().clone() for n in ["gate_proj", "up_proj", "down_proj"]})
-    return out
-
-
-def gptq_start(weight, hessian, grid, group_size, actorder=None):
-    """llmcompressor's GPTQ codes and scales (``actorder="static"`` is GPTQModifier's default)."""
-    from compressed_tensors.quantization import QuantizationArgs
-    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-
-    _, scales = rtn_quantize(weight, grid, group_size)
-    args = QuantizationArgs(num_bits=grid.storage_bits, type="int", symmetric=True, strategy="group", group_size=group_size,
-                            actorder=actorder)
-    quantized, _, _ = quantize_weight(weights=weight.clone()[None], hessians=hessian.clone()[None], scale=scales[None],
-                                      zero_point=torch.zeros_like(scales, dtype=torch.int8)[None], global_scale=None,
-                                      quant_args=args, blocksize=128, percdamp=0.01)
-    codes = torch.round(quantized[0] / scales.repeat_interleave(group_size, 1)).clamp(grid.qmin, grid.qmax)
-    return codes.to(torch.int8), scales
+    return layer, linears, calls, {name: h / (sequences * seq_len) for name, h in hessians.items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layer", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--bits", nargs="+", default=["3", "2"])
-    parser.add_argument("--block-steps", type=int, default=60)
+    parser.add_argument("--sequences", type=int, default=64)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
-    captured = capture(args.layer, args.samples, args.seq_len)
+    layer, linears, calls, hessians = capture(args.layer, args.sequences, 512)
+    originals = {name: module.weight.detach().float().clone() for name, module in linears.items()}
+
+    def run(weights, index):
+        call_args, call_kwargs = calls.call(index, "cpu")
+        with linears_with_weights(linears, weights):
+            return layer(*call_args, **call_kwargs)
+
+    with torch.no_grad():
+        targets = [run(originals, i) for i in range(len(calls))]
     rows = []
-    for bits_arg in args.bits:
-        grid = get_grid(int(bits_arg) if bits_arg.isdigit() else bits_arg)
-        weight, inputs = captured["q_proj"], captured["attn_in"]
-        hessian = inputs.T @ inputs / inputs.shape[0]
-        factor = hessian_factor(hessian, 0.01)
-        starts = {"gptq": gptq_start(weight, hessian, grid, 64), "rtn": rtn_quantize(weight, grid, 64)}
-        gptq_loss = layer_objective(weight, dequantize(*starts["gptq"]), factor)
-        rows.append(dict(bits=bits_arg, target="q_proj (layer objective)", variant="GPTQ (start)", objective=gptq_loss,
-                         vs_gptq=1.0, seconds=0.0))
-        rows.append(dict(bits=bits_arg, target="q_proj (layer objective)", variant="RTN", vs_gptq=None, seconds=0.0,
-                         objective=layer_objective(weight, dequantize(*starts["rtn"]), factor)))
-        for variant, overrides in LAYER_VARIANTS.items():
+    for bits in args.bits:
+        grid = get_grid(int(bits) if bits.isdigit() else bits)
+        for variant in args.variants:
+            options = dict(VARIANTS[variant])
+            scale_rule, init = options.pop("scale_init", "full_range"), options.pop("init", "gptq")
+            scales = {n: initial_scales(w, grid, 64, scale_rule) for n, w in originals.items()}
+            codes = {n: gptq_quantize(w, hessians[n], scales[n], grid) if init == "gptq" else quantize_to_grid(w, scales[n], grid)
+                     for n, w in originals.items()}
             begin = time.time()
-            result = optimize_layer(weight, hessian, *starts["gptq"], grid, GSQConfig(**{**SESSION1, **overrides}), name="q_proj", progress=False)
-            rows.append(dict(bits=bits_arg, target="q_proj (layer objective)", variant=f"GSQ from GPTQ, {variant}",
-                             objective=result.final_loss, vs_gptq=result.final_loss / gptq_loss, seconds=time.time() - begin))
-        begin = time.time()
-        result = optimize_layer(weight, hessian, *starts["rtn"], grid, GSQConfig(**SESSION1), name="q_proj", progress=False)
-        rows.append(dict(bits=bits_arg, target="q_proj (layer objective)", variant="GSQ from RTN (ablation), default",
-                         objective=result.final_loss, vs_gptq=result.final_loss / gptq_loss, seconds=time.time() - begin))
-        # the MLP as one block: gate, up and down trained jointly on the MLP's output
-        names = ["gate_proj", "up_proj", "down_proj"]
-        mlp_in = captured["mlp_in"]
-        hess_in = mlp_in.T @ mlp_in / mlp_in.shape[0]
-        with torch.no_grad():
-            hidden = torch.nn.functional.silu(mlp_in @ captured["gate_proj"].T) * (mlp_in @ captured["up_proj"].T)
-        hess_down = hidden.T @ hidden / hidden.shape[0]
-        mlp_starts = {n: gptq_start(captured[n], hess_down if n == "down_proj" else hess_in, grid, 64) for n in names}
-
-        def forward(weights, x):
-            return (torch.nn.functional.silu(x @ weights["gate_proj"].T) * (x @ weights["up_proj"].T)) @ weights["down_proj"].T
-
-        begin = time.time()
-        result = optimize_block(forward, {n: captured[n] for n in names}, mlp_in, {n: c for n, (c, _) in mlp_starts.items()},
-                                {n: s for n, (_, s) in mlp_starts.items()}, grid, GSQConfig(steps=args.block_steps, **SESSION1),
-                                name="mlp", progress=False)
-        rows.append(dict(bits=bits_arg, target="MLP (block objective)", variant="GPTQ (start)", objective=result.initial_loss,
-                         vs_gptq=1.0, seconds=0.0))
-        rows.append(dict(bits=bits_arg, target="MLP (block objective)", variant=f"GSQ from GPTQ, {args.block_steps} steps",
-                         objective=result.final_loss, vs_gptq=result.final_loss / result.initial_loss,
-                         seconds=time.time() - begin))
-        print(json.dumps(rows[-1]), flush=True)
+            result = optimize_block(run, originals, targets, codes, scales, grid, GSQConfig(**options), name=variant,
+                                    progress=False)
+            rows.append(dict(bits=bits, variant=variant, start=result.initial_loss, final=result.final_loss,
+                             kept_start=result.kept_initial, seconds=time.time() - begin))
+            print(json.dumps(rows[-1]), flush=True)
     settings = {"model": "SmolLM2-135M-Instruct", "layer": args.layer, "group_size": 64,
-                "calibration": f"{args.samples} x {args.seq_len} tokens, start of wiki_calibration.txt, fp inputs",
-                "block_steps": args.block_steps}
+                "calibration": f"{args.sequences} x 512 tokens spread over wiki_calibration.txt, full-precision inputs",
+                "objective": "relative MSE of the decoder layer's output on the 10% held-out sequences",
+                "start": "gsq_vllm.gsq.gptq_quantize (act-order) unless the variant says otherwise"}
     (RESULTS / "ablation_layer_smollm2.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
-    lines = ["| bits | target | variant | objective | / GPTQ | seconds |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        ratio = "-" if r["vs_gptq"] is None else f"{r['vs_gptq']:.3f}"
-        lines.append(f"| {r['bits']} | {r['target']} | {r['variant']} | {r['objective']:.5f} | {ratio} | {r['seconds']:.0f} |")
+    reference = {r["bits"]: r["start"] for r in rows if r["variant"] == "start: GPTQ, full-range signed grid"}
+    lines = ["| bits | variant | objective | / GPTQ full-range start | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {r['bits']} | {r['variant']} | {r['final']:.5f} | "
+              f"{r['final'] / reference[r['bits']]:.3f} | {r['seconds']:.0f} |" for r in rows if r["bits"] in reference]
     (RESULTS / "ablation_layer_smollm2.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -78,7 +78,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     output = Path(args.output or Path("outputs") / f"{model.name}-{summary['method']}-w{summary['bits']}-g{summary['group_size']}")
     result = quantize(
         model, recipe, output, calibration_text=args.calibration_text, calibration_samples=args.calibration_samples,
-        calibration_seq_len=args.calibration_seq_len, overwrite=args.overwrite,
+        calibration_seq_len=args.calibration_seq_len, calibration_spread=not args.calibration_from_start,
+        overwrite=args.overwrite,
     )
     record = {**summary, "output": str(result.output_dir), "quant_seconds": result.seconds,
               "peak_mem_mb": result.peak_mem_mb, "gsq_layers": result.report}
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--calibration-text", default="calibration", help="calibration | path to a UTF-8 text file")
     qz.add_argument("--calibration-samples", type=int, default=128)
     qz.add_argument("--calibration-seq-len", type=int, default=512)
+    qz.add_argument("--calibration-from-start", action="store_true",
+                    help="calibrate on consecutive windows from the start of the text (default: spread over all of it)")
     qz.add_argument("--output", default=None, help="checkpoint folder (default: outputs/<model>-<method>-w<bits>-g<group>)")
     qz.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     qz.add_argument("--no-eval", action="store_true", help="skip the perplexity / EAR evaluation")

@@ -83,11 +83,16 @@ def resolve_text(name_or_path: str | os.PathLike) -> Path:
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """Which tokens of a text to use: ``count`` windows of ``length`` tokens, from the start or end."""
+    """Which tokens of a text to use: ``count`` windows of ``length`` tokens.
+
+    Consecutive from the start (default) or the end of the text, or, with ``spread``, evenly
+    spaced over the whole text (more varied calibration: every part of the text contributes).
+    """
 
     count: int
     length: int
     from_end: bool = False
+    spread: bool = False
 
 
 def tokenize_file(path: str | os.PathLike, tokenizer) -> torch.Tensor:
@@ -100,7 +105,7 @@ def tokenize_file(path: str | os.PathLike, tokenizer) -> torch.Tensor:
 
 
 def take_windows(tokens: torch.Tensor, spec: WindowSpec, *, source: str = "text") -> torch.Tensor:
-    """``[count, length]`` consecutive, non-overlapping windows from the start or the end."""
+    """``[count, length]`` non-overlapping windows: consecutive from the start or end, or spread out."""
     if spec.count < 1 or spec.length < 2:
         raise ValueError(f"need at least one window of at least 2 tokens, got {spec}")
     needed = spec.count * spec.length
@@ -109,6 +114,9 @@ def take_windows(tokens: torch.Tensor, spec: WindowSpec, *, source: str = "text"
             f"{source} has {tokens.numel()} tokens, too short for {spec.count} windows of "
             f"{spec.length} tokens ({needed} needed); use fewer or shorter windows"
         )
+    if spec.spread:
+        stride = (tokens.numel() - spec.length) // max(spec.count - 1, 1)
+        return torch.stack([tokens[i * stride : i * stride + spec.length] for i in range(spec.count)])
     chunk = tokens[-needed:] if spec.from_end else tokens[:needed]
     return chunk.view(spec.count, spec.length).clone()
 

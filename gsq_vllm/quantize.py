@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = "gsq_w3a16_g64"
-MODIFIERS = ("GSQModifier", "GPTQModifier", "QuantizationModifier")
+# quantization modifiers a recipe may use, and the method name each stands for
+MODIFIERS = {"GSQModifier": "gsq", "GPTQModifier": "gptq", "AutoRoundModifier": "autoround", "QuantizationModifier": "rtn"}
 
 
 def resolve_recipe(name_or_path: str | os.PathLike) -> Path:
@@ -40,33 +41,49 @@ def resolve_recipe(name_or_path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"recipe {name_or_path!r} is neither a file nor one of: {known}")
 
 
-def edit_recipe(recipe: dict, bits: int | str | None = None, group_size: int | None = None, **modifier_options) -> dict:
-    """Override the bit width, group size and modifier options of every quantization modifier.
+def _modifiers(recipe: dict, quantization_only: bool = True):
+    """(modifier name, its options) of every (quantization) modifier in a recipe, in order."""
+    for stage in recipe.values():
+        for group in stage.values():
+            for modifier_name, options in group.items():
+                if modifier_name in MODIFIERS or not quantization_only:
+                    yield modifier_name, options
+
+
+def set_modifier_options(recipe: dict, modifier_name: str, **options) -> dict:
+    """Set options (those not None) of every ``modifier_name`` in a recipe; refuse a recipe without one."""
+    found = False
+    for name, existing in _modifiers(recipe, quantization_only=False):
+        if name == modifier_name:
+            found = True
+            existing.update({key: value for key, value in options.items() if value is not None})
+    if not found and any(value is not None for value in options.values()):
+        raise ValueError(f"the recipe has no {modifier_name} to set {sorted(options)} on")
+    return recipe
+
+
+def edit_recipe(recipe: dict, bits: int | str | None = None, group_size: int | None = None, **gsq_options) -> dict:
+    """Override the bit width and group size of every quantization modifier, and GSQ's options.
 
     ``bits="ternary"`` sets ``num_bits: 2`` and, for GSQ, ``grid: ternary``.
     """
     found = False
-    for stage in recipe.values():
-        for group in stage.values():
-            for modifier_name, options in group.items():
-                if modifier_name not in MODIFIERS:
-                    continue
-                found = True
-                for key, value in modifier_options.items():
-                    if value is not None and modifier_name == "GSQModifier":
-                        options[key] = value
-                if bits == "ternary":
-                    if modifier_name != "GSQModifier":
-                        raise ValueError(f"{modifier_name} cannot target the ternary grid; only GSQModifier can")
-                    options["grid"] = "ternary"
-                elif bits is not None and modifier_name == "GSQModifier":
-                    options["grid"] = "auto"
-                for scheme in (options.get("config_groups") or {}).values():
-                    weights = scheme.get("weights") or {}
-                    if bits is not None:
-                        weights["num_bits"] = 2 if bits == "ternary" else int(bits)
-                    if group_size is not None:
-                        weights["group_size"] = int(group_size)
+    for modifier_name, options in _modifiers(recipe):
+        found = True
+        if modifier_name == "GSQModifier":
+            options.update({key: value for key, value in gsq_options.items() if value is not None})
+        if bits == "ternary":
+            if modifier_name != "GSQModifier":
+                raise ValueError(f"{modifier_name} cannot target the ternary grid; only GSQModifier can")
+            options["grid"] = "ternary"
+        elif bits is not None and modifier_name == "GSQModifier":
+            options["grid"] = "auto"
+        for scheme in (options.get("config_groups") or {}).values():
+            weights = scheme.get("weights") or {}
+            if bits is not None:
+                weights["num_bits"] = 2 if bits == "ternary" else int(bits)
+            if group_size is not None:
+                weights["group_size"] = int(group_size)
     if not found:
         raise ValueError(f"the recipe names none of {', '.join(MODIFIERS)}")
     return recipe
@@ -74,24 +91,26 @@ def edit_recipe(recipe: dict, bits: int | str | None = None, group_size: int | N
 
 def recipe_summary(recipe: dict) -> dict:
     """method, bits, group size and grid of the (first) quantization modifier in a recipe."""
-    for stage in recipe.values():
-        for group in stage.values():
-            for modifier_name, options in group.items():
-                if modifier_name in MODIFIERS:
-                    weights = next(iter((options.get("config_groups") or {}).values()))["weights"]
-                    method = {"GSQModifier": "gsq", "GPTQModifier": "gptq", "QuantizationModifier": "rtn"}[modifier_name]
-                    grid = options.get("grid", "auto") if method == "gsq" else "auto"
-                    return {"method": method, "bits": "ternary" if grid == "ternary" else weights["num_bits"],
-                            "group_size": weights.get("group_size")}
+    for modifier_name, options in _modifiers(recipe):
+        weights = next(iter((options.get("config_groups") or {}).values()))["weights"]
+        method = MODIFIERS[modifier_name]
+        grid = options.get("grid", "auto") if method == "gsq" else "auto"
+        return {"method": method, "bits": "ternary" if grid == "ternary" else weights["num_bits"],
+                "group_size": weights.get("group_size")}
     raise ValueError("the recipe names no quantization modifier")
 
 
-def calibration_dataset(tokenizer, text: str, samples: int, seq_len: int):
-    """``samples`` consecutive windows of ``seq_len`` tokens from the start of a text, as a Dataset."""
+def calibration_dataset(tokenizer, text: str, samples: int, seq_len: int, spread: bool = True):
+    """``samples`` windows of ``seq_len`` tokens of a text, as a Dataset.
+
+    Spread evenly over the whole text by default (more varied than consecutive windows from its
+    start, which cover only its first few articles); ``spread=False`` takes them from the start.
+    """
     from datasets import Dataset
 
     tokens = data.tokenize_file(data.resolve_text(text), tokenizer)
-    windows = data.take_windows(tokens, data.WindowSpec(samples, seq_len), source=f"calibration text {text}")
+    windows = data.take_windows(tokens, data.WindowSpec(samples, seq_len, spread=spread),
+                                source=f"calibration text {text}")
     return Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
 
 
@@ -159,6 +178,7 @@ def quantize(
     calibration_text: str = "calibration",
     calibration_samples: int = 128,
     calibration_seq_len: int = 512,
+    calibration_spread: bool = True,
     overwrite: bool = False,
 ) -> QuantizeResult:
     """Run a recipe through llmcompressor's ``oneshot`` and save a compressed checkpoint."""
@@ -173,7 +193,8 @@ def quantize(
     tmp_dir = prepare_output(output_dir, overwrite)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        dataset = calibration_dataset(tokenizer, calibration_text, calibration_samples, calibration_seq_len)
+        dataset = calibration_dataset(tokenizer, calibration_text, calibration_samples, calibration_seq_len,
+                                      calibration_spread)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         start = time.time()
         with PeakMemory() as memory:
@@ -193,9 +214,10 @@ def quantize(
 
 
 def _modifier_report() -> list[dict]:
-    """GSQ's per-layer objectives from the session that just ran (empty for other modifiers)."""
+    """GSQ's per-layer objectives (and the end-to-end stage's, as one row) from the session that just ran."""
     from llmcompressor.core import active_session
 
+    from gsq_vllm.end_to_end import GSQEndToEndModifier
     from gsq_vllm.modifier import GSQModifier
 
     try:
@@ -206,6 +228,8 @@ def _modifier_report() -> list[dict]:
     for modifier in modifiers:
         if isinstance(modifier, GSQModifier):
             report.extend(modifier.report)
+        elif isinstance(modifier, GSQEndToEndModifier) and modifier.report:
+            report.append({"name": "end_to_end", "objective": "kl", **modifier.report})
     return report
 
 

@@ -1,12 +1,25 @@
 """GSQ in plain torch: tensors in, tensors out. No llmcompressor or vLLM import here.
 
     grid = get_grid(2)                                  # or "ternary", 3, 4
-    codes, scales = rtn_quantize(weight, grid, 64)      # or GPTQ's codes and scales
+    scales = full_range_scales(weight, grid, 64)
+    codes = gptq_quantize(weight, hessian, scales, grid)
     result = optimize_layer(weight, hessian, codes, scales, grid, GSQConfig(steps=200))
     result.codes[name], result.scales[name]             # final int8 codes, fp32 scales
 """
 
-from gsq_vllm.gsq.grids import GRIDS, Grid, dequantize, get_grid, quantize_to_grid, rtn_quantize, symmetric_scales
+from gsq_vllm.gsq.gptq import accumulate_hessian, damped_hessian, gptq_quantize
+from gsq_vllm.gsq.grids import (
+    GRIDS,
+    SCALE_RULES,
+    Grid,
+    dequantize,
+    full_range_scales,
+    get_grid,
+    initial_scales,
+    quantize_to_grid,
+    rtn_quantize,
+    symmetric_scales,
+)
 from gsq_vllm.gsq.optimize import (
     GSQConfig,
     GSQResult,
@@ -19,7 +32,8 @@ from gsq_vllm.gsq.optimize import (
 from gsq_vllm.gsq.relaxation import RelaxedWeight, gumbel_noise
 
 __all__ = [
-    "GRIDS", "Grid", "get_grid", "rtn_quantize", "symmetric_scales", "quantize_to_grid", "dequantize",
+    "GRIDS", "SCALE_RULES", "Grid", "get_grid", "rtn_quantize", "symmetric_scales", "full_range_scales",
+    "initial_scales", "quantize_to_grid", "dequantize", "accumulate_hessian", "damped_hessian", "gptq_quantize",
     "GSQConfig", "GSQResult", "Lion", "hessian_factor", "layer_objective", "optimize_layer", "optimize_block",
     "RelaxedWeight", "gumbel_noise",
 ]

@@ -31,28 +31,18 @@ class Grid:
         return torch.arange(self.qmin, self.qmax + 1, dtype=torch.float32)
 
     @property
+    def candidate_offsets(self) -> tuple[int, ...]:
+        """What each logit stands for: a level (full) or a shift added to the initial code (local)."""
+        return tuple(range(self.qmin, self.qmax + 1)) if self.relaxation == "full" else LOCAL_SHIFTS
+
+    @property
     def num_candidates(self) -> int:
-        return self.qmax - self.qmin + 1 if self.relaxation == "full" else len(LOCAL_SHIFTS)
+        return len(self.candidate_offsets)
 
     @property
     def scale_divisor(self) -> float:
         """absmax / scale_divisor is the symmetric round-to-nearest scale (compressed-tensors' rule)."""
         return max(-self.qmin, self.qmax) if self.qmin == -self.qmax else (self.qmax - self.qmin) / 2
-
-    def candidate_values(self, base_codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Values each logit stands for, and an additive mask (-inf off the grid) or None.
-
-        Full relaxation: the levels, shape [K]. Local: base code + shift, shape [..., K].
-        """
-        if self.relaxation == "full":
-            return self.levels, None
-        if base_codes is None:
-            raise ValueError(f"grid {self.name}: local relaxation needs the initial codes")
-        shifts = torch.tensor(LOCAL_SHIFTS, dtype=torch.float32, device=base_codes.device)
-        values = base_codes.to(torch.float32).unsqueeze(-1) + shifts
-        mask = torch.zeros_like(values)
-        mask.masked_fill_((values < self.qmin) | (values > self.qmax), float("-inf"))
-        return values, mask
 
 
 GRIDS = {
@@ -73,12 +63,53 @@ def get_grid(name_or_bits: str | int) -> Grid:
     return GRIDS[key]
 
 
+SCALE_RULES = ("full_range", "symmetric")
+
+
 def symmetric_scales(weight: torch.Tensor, grid: Grid, group_size: int) -> torch.Tensor:
-    """Round-to-nearest symmetric scales ``[out, in / group_size]``; all-zero groups get a tiny scale, never 0."""
-    out_features, in_features = weight.shape
-    groups = weight.detach().to(torch.float32).reshape(out_features, in_features // group_size, group_size)
+    """compressed-tensors' symmetric rule: ``absmax / scale_divisor``, ``[out, in / group_size]``.
+
+    On the asymmetric int grids this clips: the grid spans ``[qmin * s, qmax * s]`` with
+    ``qmax * s < absmax`` (2-bit: a group whose largest weight is positive reaches only 0.67 of it).
+    All-zero groups get a tiny scale, never 0.
+    """
+    groups = _groups(weight, group_size)
     scales = groups.abs().amax(dim=-1) / grid.scale_divisor
     return scales.clamp_min(torch.finfo(torch.float16).tiny)
+
+
+def full_range_scales(weight: torch.Tensor, grid: Grid, group_size: int) -> torch.Tensor:
+    """Signed scales that put each group's largest-magnitude weight exactly on the grid's wide end.
+
+    On the asymmetric grids (one more negative level than positive) the scale takes the sign that
+    maps that weight to ``qmin``: negative when it is positive. Nothing is clipped, and the extra
+    level sits on the side of the group's largest outlier. Symmetric grids (ternary) get
+    ``absmax / qmax``. Magnitudes are at least fp16's smallest normal number.
+    """
+    groups = _groups(weight, group_size)
+    extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    if grid.qmin == -grid.qmax:
+        scales = extreme.abs() / grid.qmax
+    else:
+        scales = extreme / grid.qmin
+    tiny = torch.finfo(torch.float16).tiny
+    return torch.where(scales.abs() < tiny, torch.full_like(scales, tiny), scales)
+
+
+def initial_scales(weight: torch.Tensor, grid: Grid, group_size: int, rule: str = "full_range") -> torch.Tensor:
+    """Per-group scales by ``rule``: ``full_range`` (default, signed) or ``symmetric`` (compressed-tensors')."""
+    if rule == "full_range":
+        return full_range_scales(weight, grid, group_size)
+    if rule == "symmetric":
+        return symmetric_scales(weight, grid, group_size)
+    raise ValueError(f"unknown scale rule {rule!r}; expected one of {SCALE_RULES}")
+
+
+def _groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"group size {group_size} does not divide the {in_features} input features")
+    return weight.detach().to(torch.float32).reshape(out_features, in_features // group_size, group_size)
 
 
 def quantize_to_grid(weight: torch.Tensor, scales: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -93,7 +124,9 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.float32) * scales.to(torch.float32).repeat_interleave(group_size, dim=1)
 
 
-def rtn_quantize(weight: torch.Tensor, grid: Grid, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rtn_quantize(
+    weight: torch.Tensor, grid: Grid, group_size: int, rule: str = "full_range"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest: (codes int8, scales fp32). The ablation baseline and a GPTQ-free init."""
-    scales = symmetric_scales(weight, grid, group_size)
+    scales = initial_scales(weight, grid, group_size, rule)
     return quantize_to_grid(weight, scales, grid), scales

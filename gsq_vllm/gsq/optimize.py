@@ -2,19 +2,22 @@
 
 * :func:`optimize_layer`: one Linear, objective ``||(W - W_soft) L||_F^2 / ||W L||_F^2`` with
   ``H = L L^T`` the damped calibration Hessian (cost independent of the token count).
-* :func:`optimize_block`: several Linears trained jointly on a block's output (e.g. a whole MLP:
-  gate, up and down) over cached calibration inputs, relative MSE against the original output.
+* :func:`optimize_block`: several Linears trained jointly on a block's output (a whole decoder
+  layer, or an MLP) over cached calibration items (one item = one captured call of the block,
+  usually one sequence), relative MSE against given targets: what the full-precision model
+  computes there (error-correcting) or what the original weights compute from the same inputs.
 
 Both start from given codes and scales (GPTQ's, by default), return the final codes and scales,
-and never return something worse than the start on the calibration objective: if the argmax of
-the trained logits loses to the initial codes, the initial codes are kept (and that is reported).
+and never return something worse than the start: the trained codes are kept only if they beat
+the start on calibration items held out of training (the layer objective, having no tokens,
+compares on the objective itself).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +25,7 @@ from tqdm.auto import tqdm
 
 from gsq_vllm.gsq.grids import Grid, dequantize
 from gsq_vllm.gsq.fusion import MaybeCompiled
+from gsq_vllm.gsq.gptq import damped_hessian
 from gsq_vllm.gsq.relaxation import RelaxedWeight
 
 logger = logging.getLogger(__name__)
@@ -33,8 +37,8 @@ class GSQConfig:
     hundreds to thousands of steps with tau 2 -> 0.05, kappa 100 -> 500."""
 
     steps: int = 100
-    lr_logits: float = 2e-3
-    lr_scales: float = 1e-4
+    lr_logits: float = 1e-3
+    lr_scales: float = 2e-3  # on the log of the scales: a relative step
     weight_decay: float = 1.0  # decoupled, logits only
     betas: tuple[float, float] = (0.9, 0.95)
     min_lr_ratio: float = 0.1  # cosine decay to this fraction
@@ -42,7 +46,8 @@ class GSQConfig:
     kappa: tuple[float, float] = (100.0, 500.0)  # logit multiplier, start -> end
     logit_std: float = 0.01
     prior_strength: float = 12.0  # 6 (the authors') re-samples ~9% of codes each step: too far from a short run's start
-    tokens_per_step: int = 2048  # block objective: calibration tokens per step
+    tokens_per_step: int = 2048  # block objective: calibration tokens per step (whole items)
+    holdout: float = 0.1  # block objective: fraction of the items kept out of training for the final check
     logits_dtype: str = "float32"  # or "bfloat16" to halve the logits' memory
     seed: int = 0
     dampening: float = 0.01  # layer objective: fraction of mean(diag H) added to the diagonal
@@ -55,6 +60,8 @@ class GSQConfig:
             raise ValueError(f"logits_dtype must be float32 or bfloat16, got {self.logits_dtype!r}")
         if min(self.tau) <= 0:
             raise ValueError(f"temperatures must be positive, got {self.tau}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be a fraction in [0, 1), got {self.holdout}")
 
 
 @dataclass
@@ -141,7 +148,7 @@ def _train(
     optimizer = Lion(
         [
             {"params": [r.logits for r in relaxed.values()], "lr": config.lr_logits, "weight_decay": config.weight_decay},
-            {"params": [r.scales for r in relaxed.values()], "lr": config.lr_scales, "weight_decay": 0.0},
+            {"params": [r.log_gain for r in relaxed.values()], "lr": config.lr_scales, "weight_decay": 0.0},
         ],
         betas=config.betas,
         fused=config.fused,
@@ -191,12 +198,7 @@ def _finish(
 
 def hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
     """Lower Cholesky factor L of the damped Hessian (H + d * mean(diag H) * I = L L^T)."""
-    hessian = hessian.to(torch.float32).clone()
-    diag = torch.diagonal(hessian)
-    dead = diag == 0
-    diag[dead] = 1.0
-    diag.add_(dampening * diag.mean())
-    factor, info = torch.linalg.cholesky_ex(hessian)
+    factor, info = torch.linalg.cholesky_ex(damped_hessian(hessian, dampening))
     if info.item() != 0:
         raise ValueError("the calibration Hessian is not positive definite even after dampening; raise dampening")
     return factor
@@ -237,9 +239,9 @@ def optimize_layer(
 
 
 def optimize_block(
-    forward: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+    forward: Callable[[dict[str, torch.Tensor], int], torch.Tensor],
     weights: dict[str, torch.Tensor],
-    inputs: torch.Tensor,
+    targets: Sequence[torch.Tensor],
     codes: dict[str, torch.Tensor],
     scales: dict[str, torch.Tensor],
     grid: Grid,
@@ -247,34 +249,39 @@ def optimize_block(
     *,
     name: str = "block",
     progress: bool = True,
-    eval_tokens: int = 16384,
 ) -> GSQResult:
-    """GSQ on several Linears at once, matching ``forward(original weights, x)``.
+    """GSQ on several Linears at once: ``forward(weights, i)`` must approach ``targets[i]``.
 
-    ``forward(weights, x)`` runs the block with the given weights; ``inputs`` are its cached
-    calibration inputs ``[tokens, hidden]`` (from the already-quantized model, so errors of earlier
-    layers are compensated). Each step takes ``config.tokens_per_step`` random tokens.
+    ``forward(weights, i)`` runs the block on its ``i``-th cached calibration item with the given
+    Linear weights; ``targets[i]`` is what it should output there. Each step takes enough random
+    training items for ``config.tokens_per_step`` tokens; the last ``config.holdout`` of the items
+    are never trained on and decide whether the result beats the start.
     """
-    inputs = inputs.reshape(-1, inputs.shape[-1])
-    if inputs.shape[0] < 1:
-        raise ValueError(f"{name}: no calibration tokens")
-    generator = torch.Generator(device=inputs.device).manual_seed(config.seed)
+    count = len(targets)
+    if count < 1:
+        raise ValueError(f"{name}: no calibration items")
+    held_count = min(count - 1, round(count * config.holdout)) if count > 1 else 0
+    train_count = count - held_count
+    held = range(train_count, count) if held_count else range(count)
+    tokens_per_item = max(1, targets[0].numel() // targets[0].shape[-1])
+    batch = max(1, min(train_count, config.tokens_per_step // tokens_per_item))
+    generator = torch.Generator().manual_seed(config.seed)
     relaxed = _make_relaxed(weights, codes, scales, grid, config, generator)
-    originals = {n: w.detach().to(torch.float32) for n, w in weights.items()}
-    with torch.no_grad():
-        targets = torch.cat([forward(originals, chunk) for chunk in inputs.split(8192)])
-    power = targets.square().mean().clamp_min(1e-12)
-    batch = min(config.tokens_per_step, inputs.shape[0])
+    power = sum(float(t.float().square().sum()) for t in targets) / sum(t.numel() for t in targets)
+    power = max(power, 1e-12)
 
-    def loss_fn(soft, step):
-        index = torch.randperm(inputs.shape[0], generator=generator, device=inputs.device)[:batch]
-        return (forward(soft, inputs[index]) - targets[index]).square().mean() / power
+    def error(outputs: torch.Tensor, index: int) -> torch.Tensor:
+        return (outputs.float() - targets[index].to(outputs.device, torch.float32)).square().sum()
+
+    def loss_fn(soft, _step):
+        chosen = torch.randperm(train_count, generator=generator)[:batch].tolist()
+        total = sum(error(forward(soft, i), i) for i in chosen)
+        return total / (power * sum(targets[i].numel() for i in chosen))
 
     history = _train(relaxed, loss_fn, config, f"GSQ {name}", progress)
-    held = torch.randperm(inputs.shape[0], generator=torch.Generator().manual_seed(config.seed + 1))[:eval_tokens]
 
     @torch.no_grad()
     def hard_loss(quantized):
-        return float((forward(quantized, inputs[held]) - targets[held]).square().mean() / power)
+        return float(sum(error(forward(quantized, i), i) for i in held) / (power * sum(targets[i].numel() for i in held)))
 
     return _finish(relaxed, codes, scales, hard_loss, history, name)

@@ -1,7 +1,18 @@
 import pytest
 import torch
 
-from gsq_vllm.gsq import GSQConfig, get_grid, layer_objective, optimize_block, optimize_layer, rtn_quantize, hessian_factor, dequantize
+from gsq_vllm.gsq import (
+    GSQConfig,
+    dequantize,
+    full_range_scales,
+    get_grid,
+    gptq_quantize,
+    hessian_factor,
+    layer_objective,
+    optimize_block,
+    optimize_layer,
+    rtn_quantize,
+)
 
 
 def layer_with_outliers(seed: int = 0, out_features: int = 64, in_features: int = 128):
@@ -13,19 +24,8 @@ def layer_with_outliers(seed: int = 0, out_features: int = 64, in_features: int 
 
 
 def gptq_init(weight, hessian, grid, group_size):
-    """llmcompressor's own GPTQ, as the modifier uses it."""
-    pytest.importorskip("llmcompressor")
-    from compressed_tensors.quantization import QuantizationArgs
-    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-
-    _, scales = rtn_quantize(weight, grid, group_size)
-    args = QuantizationArgs(num_bits=grid.storage_bits, type="int", symmetric=True, strategy="group",
-                            group_size=group_size)
-    quantized, _, _ = quantize_weight(weights=weight.clone()[None], hessians=hessian.clone()[None], scale=scales[None],
-                                      zero_point=torch.zeros_like(scales, dtype=torch.int8)[None], global_scale=None,
-                                      quant_args=args, blocksize=128, percdamp=0.01)
-    codes = torch.round(quantized[0] / scales.repeat_interleave(group_size, 1)).clamp(grid.qmin, grid.qmax)
-    return codes.to(torch.int8), scales
+    scales = full_range_scales(weight, grid, group_size)
+    return gptq_quantize(weight, hessian, scales, grid), scales
 
 
 @pytest.mark.parametrize("bits", [2, 3])
@@ -42,20 +42,94 @@ def test_gsq_lowers_the_gptq_objective_on_a_layer_with_outliers(bits):
     assert result.codes["synthetic"].min() >= grid.qmin and result.codes["synthetic"].max() <= grid.qmax
 
 
-def test_block_objective_trains_two_layers_jointly():
-    grid = get_grid(2)
+def two_layer_block(items: int = 8, tokens: int = 128):
     gen = torch.Generator().manual_seed(0)
     up, down = torch.randn(96, 64, generator=gen) * 0.1, torch.randn(64, 96, generator=gen) * 0.1
-    inputs = torch.randn(1024, 64, generator=gen)
+    inputs = [torch.randn(tokens, 64, generator=gen) for _ in range(items)]
 
-    def forward(weights, x):
-        return torch.nn.functional.silu(x @ weights["up"].T) @ weights["down"].T
+    def forward(weights, index):
+        return torch.nn.functional.silu(inputs[index] @ weights["up"].T) @ weights["down"].T
 
-    init = {name: rtn_quantize(w, grid, 32) for name, w in {"up": up, "down": down}.items()}
-    result = optimize_block(forward, {"up": up, "down": down}, inputs, {n: c for n, (c, _) in init.items()},
+    return {"up": up, "down": down}, forward
+
+
+def test_block_objective_trains_two_layers_jointly():
+    grid = get_grid(2)
+    weights, forward = two_layer_block()
+    targets = [forward(weights, i) for i in range(8)]
+    init = {name: rtn_quantize(w, grid, 32) for name, w in weights.items()}
+    result = optimize_block(forward, weights, targets, {n: c for n, (c, _) in init.items()},
                             {n: s for n, (_, s) in init.items()}, grid, GSQConfig(steps=40, tokens_per_step=256),
                             progress=False)
     assert result.final_loss < 0.9 * result.initial_loss
+
+
+def test_block_result_is_judged_on_held_out_items_only():
+    """The check "never worse than the start" uses items the optimiser never saw: here the
+    held-out item's target is unreachable garbage, so whatever training did, the start wins."""
+    grid = get_grid(2)
+    weights, forward = two_layer_block(items=10)
+    targets = [forward(weights, i) for i in range(9)] + [torch.full((128, 64), 50.0)]
+    init = {name: rtn_quantize(w, grid, 32) for name, w in weights.items()}
+    config = GSQConfig(steps=20, tokens_per_step=256, holdout=0.1)
+    seen = []
+
+    def spying_forward(w, index):
+        seen.append(index)
+        return forward(w, index)
+
+    result = optimize_block(spying_forward, weights, targets, {n: c for n, (c, _) in init.items()},
+                            {n: s for n, (_, s) in init.items()}, grid, config, progress=False)
+    training_calls = seen[: 20 * 2]  # 2 items of 128 tokens per step
+    assert 9 not in training_calls and set(seen[20 * 2:]) == {9}
+    assert result.initial_loss == result.final_loss or result.final_loss < result.initial_loss
+
+
+def test_gptq_matches_llmcompressor_and_beats_rounding():
+    """Our GPTQ (act-order, groups kept contiguous) is llmcompressor's ``actorder: static`` GPTQ."""
+    pytest.importorskip("llmcompressor")
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    weight, _, hessian = layer_with_outliers()
+    for bits in (2, 3):
+        grid = get_grid(bits)
+        codes, scales = gptq_init(weight, hessian, grid, 32)
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=32,
+                                actorder="static")
+        theirs, _, _ = quantize_weight(weights=weight.clone()[None], hessians=hessian.clone()[None], scale=scales[None],
+                                       zero_point=torch.zeros_like(scales, dtype=torch.int8)[None], global_scale=None,
+                                       quant_args=args, blocksize=128, percdamp=0.01)
+        factor = hessian_factor(hessian, 0.01)
+        ours = layer_objective(weight, dequantize(codes, scales), factor)
+        assert ours == pytest.approx(layer_objective(weight, theirs[0], factor), rel=1e-3)
+        rounded = layer_objective(weight, dequantize(*rtn_quantize(weight, grid, 32)), factor)
+        assert ours < rounded
+
+
+def test_gptq_on_the_ternary_grid_feeds_back_the_clamp():
+    """GPTQ run on {-1, 0, 1} itself beats int2 GPTQ clamped to ternary afterwards (the clamp's
+    error is then never compensated); half-range scales make clamping frequent."""
+    weight, _, hessian = layer_with_outliers()
+    ternary = get_grid("ternary")
+    scales = full_range_scales(weight, ternary, 32) / 2
+    direct = gptq_quantize(weight, hessian, scales, ternary)
+    clamped = gptq_quantize(weight, hessian, scales, get_grid(2)).clamp(-1, 1)
+    factor = hessian_factor(hessian, 0.01)
+    assert direct.min() >= -1 and direct.max() <= 1
+    assert layer_objective(weight, dequantize(direct, scales), factor) < layer_objective(weight, dequantize(clamped, scales), factor)
+
+
+def test_gptq_honours_zero_dampening_and_names_a_singular_hessian():
+    weight, inputs, _ = layer_with_outliers(out_features=8, in_features=64)
+    grid = get_grid(3)
+    scales = full_range_scales(weight, grid, 32)
+    hessian = inputs.T @ inputs
+    undamped = gptq_quantize(weight, hessian, scales, grid, dampening=0.0)
+    assert not torch.equal(undamped, gptq_quantize(weight, hessian, scales, grid, dampening=0.1))
+    low_rank = inputs[:16].T @ inputs[:16]  # 16 tokens, 64 features: singular
+    with pytest.raises(ValueError, match="not positive definite.*raise dampening"):
+        gptq_quantize(weight, low_rank, scales, grid, dampening=0.0)
 
 
 def test_same_seed_same_result_and_bf16_logits():
