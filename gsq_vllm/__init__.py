@@ -1,7 +1,8 @@
 """gsq-vllm: GSQ (Gumbel-Softmax Quantization) for llmcompressor and vLLM.
 
-Importing the package registers :class:`GSQModifier` with llmcompressor's modifier factory (when
-llmcompressor is installed), so YAML recipes that name ``GSQModifier`` work in ``oneshot``. The
+Importing the package registers :class:`GSQModifier` and :class:`GSQEndToEndModifier` with
+llmcompressor's modifier factory (when llmcompressor is installed), so YAML recipes that name them
+work in ``oneshot``. The
 vLLM side is registered by vLLM itself through the ``vllm.general_plugins`` entry point.
 """
 
@@ -19,9 +20,11 @@ def _register_modifier() -> None:
         return  # the serving environment: no quantization here
     from llmcompressor.modifiers.factory import ModifierFactory
 
+    from gsq_vllm.end_to_end import GSQEndToEndModifier
     from gsq_vllm.modifier import GSQModifier
 
     ModifierFactory.register("GSQModifier", GSQModifier)
+    ModifierFactory.register("GSQEndToEndModifier", GSQEndToEndModifier)
 
 
 _register_modifier()
@@ -32,4 +35,8 @@ def __getattr__(name: str):
         from gsq_vllm.modifier import GSQModifier
 
         return GSQModifier
+    if name == "GSQEndToEndModifier":
+        from gsq_vllm.end_to_end import GSQEndToEndModifier
+
+        return GSQEndToEndModifier
     raise AttributeError(name)

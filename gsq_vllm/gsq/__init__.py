@@ -7,6 +7,7 @@
     result.codes[name], result.scales[name]             # final int8 codes, fp32 scales
 """
 
+from gsq_vllm.gsq.end_to_end import EndToEndConfig, EndToEndResult, kl_divergence, tune_end_to_end
 from gsq_vllm.gsq.gptq import accumulate_hessian, damped_hessian, gptq_quantize
 from gsq_vllm.gsq.grids import (
     GRIDS,
@@ -35,5 +36,5 @@ __all__ = [
     "GRIDS", "SCALE_RULES", "Grid", "get_grid", "rtn_quantize", "symmetric_scales", "full_range_scales",
     "initial_scales", "quantize_to_grid", "dequantize", "accumulate_hessian", "damped_hessian", "gptq_quantize",
     "GSQConfig", "GSQResult", "Lion", "hessian_factor", "layer_objective", "optimize_layer", "optimize_block",
-    "RelaxedWeight", "gumbel_noise",
+    "RelaxedWeight", "gumbel_noise", "EndToEndConfig", "EndToEndResult", "kl_divergence", "tune_end_to_end",
 ]

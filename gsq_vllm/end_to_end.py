@@ -1,0 +1,177 @@
+"""``GSQEndToEndModifier``: a recipe step after GSQ that tunes the quantized model end to end.
+
+Codes stay frozen; the per-group scales of every quantized Linear (and, with ``tune_norms``, the
+norm weights) are tuned with :func:`gsq_vllm.gsq.tune_end_to_end` so that the model's next-token
+distribution matches the full-precision model's on calibration sequences. The checkpoint keeps
+exactly its format: the same codes, other scales. It works after any modifier that leaves
+symmetric int weights (GSQ, GPTQ, AutoRound, RTN).
+
+* ``on_initialize`` (before anything is quantized): runs the full-precision model on the first
+  ``sequences`` calibration sequences and keeps what its output head sees (the final hidden
+  states) and a copy of the head, so the teacher's logits can be recomputed at any step;
+* ``on_finalize`` (after every layer is quantized, outside the calibration context so the model
+  runs normally): the tuning, then the new scales are written.
+
+Sample recipe (after a ``GSQModifier`` in the same stage)::
+
+        GSQEndToEndModifier:
+          steps: 40
+          sequences: 64
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from compressed_tensors.utils import getattr_chain, update_offload_parameter
+from loguru import logger
+from pydantic import Field, PrivateAttr
+
+from llmcompressor.core import State
+from llmcompressor.modifiers import Modifier
+from llmcompressor.utils.helpers import DisableQuantization
+
+from gsq_vllm.gsq import EndToEndConfig, dequantize, tune_end_to_end
+from gsq_vllm.gsq.blocks import linears_with_weights
+
+__all__ = ["GSQEndToEndModifier"]
+
+
+class GSQEndToEndModifier(Modifier):
+    """End-to-end tuning of group scales (codes frozen) against the full-precision model's KL.
+
+    :param steps: Adam steps (0 = off).
+    :param lr: Adam learning rate on the log of each scale (a relative change), cosine decay.
+    :param sequences: calibration sequences used (the teacher's hidden states are kept for them).
+    :param sequences_per_step: sequences per step.
+    :param holdout: fraction of those sequences never trained on, which decide whether the
+        result beats the start.
+    :param tune_norms: also tune the weights of the normalisation layers.
+    :param cache_dtype: dtype of the kept teacher hidden states.
+    """
+
+    requires_calibration_data: bool = True
+
+    steps: int = Field(default=40, ge=0)
+    lr: float = Field(default=2e-3, gt=0)
+    sequences: int = Field(default=64, ge=1)
+    sequences_per_step: int = Field(default=4, ge=1)
+    holdout: float = Field(default=0.1, ge=0, lt=1)
+    tune_norms: bool = False
+    seed: int = 0
+    cache_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+
+    _input_ids: list[torch.Tensor] = PrivateAttr(default_factory=list)
+    _teacher_hidden: list[torch.Tensor] = PrivateAttr(default_factory=list)
+    _teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = PrivateAttr(default=None)
+    _report: dict = PrivateAttr(default_factory=dict)
+
+    @property
+    def report(self) -> dict:
+        """Held-out KL before and after, seconds, what was tuned."""
+        return dict(self._report)
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        loader = kwargs.get("calib_data") or getattr(state.data, "calib", None)
+        if loader is None:
+            raise ValueError("GSQEndToEndModifier needs calibration data (oneshot's `dataset`)")
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head); GSQEndToEndModifier needs one")
+        if self.steps == 0:
+            return True
+        for batch in loader:
+            for row, mask in zip(batch["input_ids"], batch.get("attention_mask", batch["input_ids"])):
+                row = torch.as_tensor(row)
+                keep = torch.as_tensor(mask).bool() if "attention_mask" in batch else torch.ones_like(row, dtype=torch.bool)
+                self._input_ids.append(row[keep].to(torch.long).cpu())  # unpadded sequence
+                if len(self._input_ids) == self.sequences:
+                    break
+            if len(self._input_ids) == self.sequences:
+                break
+        dtype = getattr(torch, self.cache_dtype)
+        hook = head.register_forward_pre_hook(
+            lambda _m, args: self._teacher_hidden.append(args[0][0].detach().to("cpu", dtype)))
+        device = next(model.parameters()).device
+        try:
+            with torch.no_grad(), DisableQuantization(model):
+                for ids in self._input_ids:
+                    model(input_ids=ids[None].to(device), use_cache=False)
+        finally:
+            hook.remove()
+        self._teacher_head = (head.weight.detach().to("cpu").clone(),
+                              None if head.bias is None else head.bias.detach().to("cpu").clone())
+        return True
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        if not self.ended_:
+            self.on_end(state, None)
+        if self.steps == 0:
+            return True
+        model = state.model
+        linears, codes, initial, group_sizes = self._quantized_linears(model)
+        gains = {name: torch.nn.Parameter(torch.zeros_like(initial[name])) for name in linears}
+        norms = [p for name, module in model.named_modules() if type(module).__name__.endswith("Norm")
+                 for p in module.parameters(recurse=False)] if self.tune_norms else []
+        for parameter in norms:
+            parameter.requires_grad_(True)
+        device = next(model.parameters()).device
+        head_weight, head_bias = (t.to(device) if t is not None else None for t in self._teacher_head)
+
+        def weights() -> dict[str, torch.Tensor]:
+            return {name: codes[name] * (initial[name] * torch.exp(gains[name])).repeat_interleave(group_sizes[name], 1)
+                    for name in linears}
+
+        def student(items: list[int]) -> torch.Tensor:
+            with DisableQuantization(model), linears_with_weights(linears, weights()):
+                logits = [model(input_ids=self._input_ids[i][None].to(device), use_cache=False).logits[0] for i in items]
+            return torch.log_softmax(torch.cat(logits).float(), dim=-1)
+
+        def teacher(items: list[int]) -> torch.Tensor:
+            hidden = torch.cat([self._teacher_hidden[i] for i in items]).to(device, head_weight.dtype)
+            return torch.log_softmax(torch.nn.functional.linear(hidden, head_weight, head_bias).float(), dim=-1)
+
+        begin = time.time()
+        config = EndToEndConfig(steps=self.steps, lr=self.lr, items_per_step=self.sequences_per_step,
+                                holdout=self.holdout, seed=self.seed)
+        with torch.enable_grad():
+            result = tune_end_to_end(student, teacher, list(gains.values()) + norms, len(self._input_ids), config)
+        for parameter in norms:
+            parameter.requires_grad_(False)
+        with torch.no_grad():
+            for name, module in linears.items():
+                scales = (initial[name] * torch.exp(gains[name])).to(module.weight.dtype)
+                update_offload_parameter(module, "weight_scale", scales.reshape(module.weight_scale.shape))
+                update_offload_parameter(module, "weight", dequantize(codes[name], scales.float()).to(module.weight.dtype))
+        seconds = time.time() - begin
+        self._report = dict(initial_kl=result.initial_kl, final_kl=result.final_kl, kept_initial=result.kept_initial,
+                            seconds=seconds, layers=len(linears), norms=len(norms), steps=self.steps)
+        logger.info(f"GSQ end to end: held-out KL {result.initial_kl:.4g} -> {result.final_kl:.4g}"
+                    f"{' (kept the start)' if result.kept_initial else ''} over {len(linears)} layers"
+                    f"{f' and {len(norms)} norms' if norms else ''} in {seconds:.0f}s")
+        self._input_ids, self._teacher_hidden, self._teacher_head = [], [], None
+        return True
+
+    @staticmethod
+    def _quantized_linears(model: torch.nn.Module):
+        """Every Linear holding symmetric int weights: its codes and scales as the model holds them."""
+        linears, codes, scales, group_sizes = {}, {}, {}, {}
+        for name, module in model.named_modules():
+            args = getattr_chain(module, "quantization_scheme.weights", None)
+            if not isinstance(module, torch.nn.Linear) or args is None or not hasattr(module, "weight_scale"):
+                continue
+            if args.type != "int" or not args.symmetric:
+                raise ValueError(f"layer {name}: GSQEndToEndModifier tunes symmetric int weights, found "
+                                 f"type={args.type} symmetric={args.symmetric}")
+            weight = module.weight.detach().float()
+            scale = module.weight_scale.detach().float().reshape(weight.shape[0], -1)
+            group_size = weight.shape[1] // scale.shape[1]
+            qmax = 2 ** (args.num_bits - 1)
+            codes[name] = torch.clamp(torch.round(weight / scale.repeat_interleave(group_size, 1)), -qmax, qmax - 1)
+            linears[name], scales[name], group_sizes[name] = module, scale, group_size
+        if not linears:
+            raise ValueError("GSQEndToEndModifier found no quantized Linear; put it after a quantization modifier")
+        return linears, codes, scales, group_sizes
