@@ -219,12 +219,10 @@ def dequantize_packed(
     """Dense weight ``[out, in]`` of one packed layer (symmetric, per-group scales)."""
     from gsq_vllm.packing import unpack_codes
 
+    from gsq_vllm.weight_format import dequantize
+
     codes = unpack_codes(packed, layer.quant.num_bits, layer.shape[1], layer.layout, name=layer.name)
-    group = layer.quant.group_size or layer.shape[1]
-    if layer.quant.strategy == "channel":
-        group = layer.shape[1]
-    expanded = scale.to(torch.float32).repeat_interleave(group, dim=1)[:, : layer.shape[1]]
-    return (codes.to(torch.float32) * expanded).to(dtype)
+    return dequantize(codes, scale).to(dtype)
 
 
 def _load_with_own_decompression(info: CheckpointInfo, dtype: torch.dtype) -> torch.nn.Module:

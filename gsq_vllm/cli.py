@@ -2,6 +2,9 @@
 
     gsq-vllm quantize [--model DIR] [--recipe NAME|YAML] [--bits 2|3|ternary] [--output DIR] ...
     gsq-vllm eval [--model DIR] [--reference DIR] [--text wiki|news|calibration|FILE] ...
+
+Parsing the arguments imports nothing heavy (no torch, transformers, llmcompressor or vLLM):
+``--help`` and argument errors answer at once; each command imports what it uses.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import logging
 import math
 import sys
 from pathlib import Path
-
-from gsq_vllm import data
 
 logger = logging.getLogger("gsq_vllm")
 
@@ -39,6 +40,7 @@ def evaluate_models(
     import torch
     from transformers import AutoTokenizer
 
+    from gsq_vllm import data
     from gsq_vllm.checkpoint import load_causal_lm
     from gsq_vllm.evaluation import evaluate
 
@@ -56,6 +58,7 @@ def evaluate_models(
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from gsq_vllm import data
     from gsq_vllm.evaluation import format_table
 
     model = args.model or data.default_model_dir()
@@ -67,8 +70,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from gsq_vllm import data
     from gsq_vllm.evaluation import format_table
-    from gsq_vllm.quantize import edit_recipe, load_recipe, quantize, recipe_summary
+    from gsq_vllm.quantize import quantize
+    from gsq_vllm.recipes import edit_recipe, load_recipe, recipe_summary
 
     model = Path(args.model or data.default_model_dir())
     recipe = edit_recipe(
@@ -111,13 +116,16 @@ def _bits(value: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gsq_vllm.recipes import recipe_names
+
     parser = argparse.ArgumentParser(prog="gsq-vllm", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
     qz = sub.add_parser("quantize", help="quantize a model with a recipe (default: GSQ 3-bit on the default model)")
     qz.add_argument("--model", default=None, help="HF model folder (default: the default model)")
-    qz.add_argument("--recipe", default="gsq_w3a16_g64", help="recipe name in recipes/ or a YAML file")
+    qz.add_argument("--recipe", default="gsq_w3a16_g64",
+                    help=f"a shipped recipe ({', '.join(recipe_names())}) or a YAML file (default: gsq_w3a16_g64)")
     qz.add_argument("--bits", default=None, type=_bits, help="override the recipe's bits: 2, 3, 4 or ternary")
     qz.add_argument("--group-size", type=int, default=None, help="override the recipe's group size")
     qz.add_argument("--steps", type=int, default=None, help="override GSQ's optimisation steps per layer/block")

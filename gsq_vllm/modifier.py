@@ -44,6 +44,7 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
+from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
@@ -357,3 +358,10 @@ class GSQModifier(Modifier, QuantizationMixin):
         if hasattr(module, "weight_zero_point"):
             update_offload_parameter(module, "weight_zero_point", torch.zeros_like(module.weight_zero_point))
 
+
+# YAML recipes find modifiers by name in llmcompressor's factory; importing this module (or
+# ``from gsq_vllm import GSQModifier``) registers both of ours.
+from gsq_vllm.end_to_end import GSQEndToEndModifier  # noqa: E402
+
+ModifierFactory.register("GSQModifier", GSQModifier)
+ModifierFactory.register("GSQEndToEndModifier", GSQEndToEndModifier)

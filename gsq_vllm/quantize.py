@@ -23,83 +23,6 @@ from gsq_vllm import data
 
 logger = logging.getLogger(__name__)
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-DEFAULT_RECIPE = "gsq_w3a16_g64"
-# quantization modifiers a recipe may use, and the method name each stands for
-MODIFIERS = {"GSQModifier": "gsq", "GPTQModifier": "gptq", "AutoRoundModifier": "autoround", "QuantizationModifier": "rtn"}
-
-
-def resolve_recipe(name_or_path: str | os.PathLike) -> Path:
-    """A recipe by name (``gsq_w2a16_g64``) from ``recipes/``, or a YAML path."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
-    if candidate.is_file():
-        return candidate
-    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-    raise FileNotFoundError(f"recipe {name_or_path!r} is neither a file nor one of: {known}")
-
-
-def _modifiers(recipe: dict, quantization_only: bool = True):
-    """(modifier name, its options) of every (quantization) modifier in a recipe, in order."""
-    for stage in recipe.values():
-        for group in stage.values():
-            for modifier_name, options in group.items():
-                if modifier_name in MODIFIERS or not quantization_only:
-                    yield modifier_name, options
-
-
-def set_modifier_options(recipe: dict, modifier_name: str, **options) -> dict:
-    """Set options (those not None) of every ``modifier_name`` in a recipe; refuse a recipe without one."""
-    found = False
-    for name, existing in _modifiers(recipe, quantization_only=False):
-        if name == modifier_name:
-            found = True
-            existing.update({key: value for key, value in options.items() if value is not None})
-    if not found and any(value is not None for value in options.values()):
-        raise ValueError(f"the recipe has no {modifier_name} to set {sorted(options)} on")
-    return recipe
-
-
-def edit_recipe(recipe: dict, bits: int | str | None = None, group_size: int | None = None, **gsq_options) -> dict:
-    """Override the bit width and group size of every quantization modifier, and GSQ's options.
-
-    ``bits="ternary"`` sets ``num_bits: 2`` and, for GSQ, ``grid: ternary``.
-    """
-    found = False
-    for modifier_name, options in _modifiers(recipe):
-        found = True
-        if modifier_name == "GSQModifier":
-            options.update({key: value for key, value in gsq_options.items() if value is not None})
-        if bits == "ternary":
-            if modifier_name != "GSQModifier":
-                raise ValueError(f"{modifier_name} cannot target the ternary grid; only GSQModifier can")
-            options["grid"] = "ternary"
-        elif bits is not None and modifier_name == "GSQModifier":
-            options["grid"] = "auto"
-        for scheme in (options.get("config_groups") or {}).values():
-            weights = scheme.get("weights") or {}
-            if bits is not None:
-                weights["num_bits"] = 2 if bits == "ternary" else int(bits)
-            if group_size is not None:
-                weights["group_size"] = int(group_size)
-    if not found:
-        raise ValueError(f"the recipe names none of {', '.join(MODIFIERS)}")
-    return recipe
-
-
-def recipe_summary(recipe: dict) -> dict:
-    """method, bits, group size and grid of the (first) quantization modifier in a recipe."""
-    for modifier_name, options in _modifiers(recipe):
-        weights = next(iter((options.get("config_groups") or {}).values()))["weights"]
-        method = MODIFIERS[modifier_name]
-        grid = options.get("grid", "auto") if method == "gsq" else "auto"
-        return {"method": method, "bits": "ternary" if grid == "ternary" else weights["num_bits"],
-                "group_size": weights.get("group_size")}
-    raise ValueError("the recipe names no quantization modifier")
-
-
 def calibration_dataset(tokenizer, text: str, samples: int, seq_len: int, spread: bool = True):
     """``samples`` windows of ``seq_len`` tokens of a text, as a Dataset.
 
@@ -182,7 +105,7 @@ def quantize(
     overwrite: bool = False,
 ) -> QuantizeResult:
     """Run a recipe through llmcompressor's ``oneshot`` and save a compressed checkpoint."""
-    import gsq_vllm  # noqa: F401  (registers GSQModifier with llmcompressor)
+    import gsq_vllm.modifier  # noqa: F401  (registers GSQModifier and GSQEndToEndModifier with llmcompressor)
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -231,14 +154,3 @@ def _modifier_report() -> list[dict]:
         elif isinstance(modifier, GSQEndToEndModifier) and modifier.report:
             report.append({"name": "end_to_end", "objective": "kl", **modifier.report})
     return report
-
-
-def load_recipe(name_or_path: str | os.PathLike) -> dict:
-    path = resolve_recipe(name_or_path)
-    try:
-        recipe = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"recipe {path} is not valid YAML: {err}") from err
-    if not isinstance(recipe, dict):
-        raise ValueError(f"recipe {path} must be a mapping of stages")
-    return recipe

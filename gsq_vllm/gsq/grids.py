@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gsq_vllm.weight_format import dequantize  # noqa: F401  (re-exported: the one dequantisation)
+
 LOCAL_SHIFTS = (-2, -1, 0, 1, 2)
 
 
@@ -117,11 +119,6 @@ def quantize_to_grid(weight: torch.Tensor, scales: torch.Tensor, grid: Grid) -> 
     group_size = weight.shape[1] // scales.shape[1]
     expanded = scales.repeat_interleave(group_size, dim=1)
     return torch.clamp(torch.round(weight.to(torch.float32) / expanded), grid.qmin, grid.qmax).to(torch.int8)
-
-
-def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    group_size = codes.shape[1] // scales.shape[1]
-    return codes.to(torch.float32) * scales.to(torch.float32).repeat_interleave(group_size, dim=1)
 
 
 def rtn_quantize(

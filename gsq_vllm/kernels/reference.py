@@ -9,11 +9,7 @@ from __future__ import annotations
 import torch
 
 from gsq_vllm.packing import code_range, unpack_kernel_planes
-
-
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Signed codes ``[N, K]`` and scales ``[N, K // group_size]`` -> fp32 weight ``[N, K]``."""
-    return codes.to(torch.float32) * scales.to(torch.float32).repeat_interleave(group_size, dim=1)
+from gsq_vllm.weight_format import dequantize
 
 
 def reference_matmul(
@@ -25,7 +21,9 @@ def reference_matmul(
 ) -> torch.Tensor:
     """``x @ dequantize(codes, scales).T`` computed in fp32 and rounded to ``x.dtype``; the bias
     is then added in ``x.dtype``, as the kernels' callers (and vLLM) do."""
-    out = (x.to(torch.float32) @ dequantize(codes, scales, group_size).t()).to(x.dtype)
+    if codes.shape[1] != scales.shape[1] * group_size:
+        raise ValueError(f"scales {tuple(scales.shape)} and group size {group_size} do not tile codes {tuple(codes.shape)}")
+    out = (x.to(torch.float32) @ dequantize(codes, scales).t()).to(x.dtype)
     return out if bias is None else out + bias.to(x.dtype)
 
 

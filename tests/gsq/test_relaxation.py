@@ -32,21 +32,22 @@ def test_recomputed_backward_matches_autograd(bits):
 
 
 def test_finite_differences_on_one_logit():
+    """The analytic gradient of one soft weight against a central difference in one of its logits
+    (a single weight keeps the float32 rounding of the difference far below its size)."""
     grid = get_grid(2)
-    codes, scales = rtn_quantize(torch.randn(2, 32), grid, 32)
+    codes, scales = rtn_quantize(torch.randn(2, 32, generator=torch.Generator().manual_seed(0)), grid, 32)
     relaxed = RelaxedWeight(grid, codes, scales, logit_std=0.5, prior_strength=1.0,
                             generator=torch.Generator().manual_seed(1))
-    relaxed.logits.data = relaxed.logits.data.double().float()
-    loss = relaxed.soft_weight(2.0, 1.0, seed=5).square().sum()
-    loss.backward()
+    relaxed.soft_weight(2.0, 1.0, seed=5)[0, 3].backward()
     analytic = relaxed.logits.grad[1, 0, 3].item()
     eps = 1e-3
     with torch.no_grad():
         relaxed.logits[1, 0, 3] += eps
-        up = relaxed.soft_weight(2.0, 1.0, seed=5).square().sum().item()
+        up = relaxed.soft_weight(2.0, 1.0, seed=5)[0, 3].item()
         relaxed.logits[1, 0, 3] -= 2 * eps
-        down = relaxed.soft_weight(2.0, 1.0, seed=5).square().sum().item()
-    assert analytic == pytest.approx((up - down) / (2 * eps), rel=2e-2, abs=1e-4)
+        down = relaxed.soft_weight(2.0, 1.0, seed=5)[0, 3].item()
+    assert abs(analytic) > 1e-3
+    assert analytic == pytest.approx((up - down) / (2 * eps), rel=1e-2)
 
 
 @pytest.mark.parametrize("bits", ["ternary", 2, 3, 4])

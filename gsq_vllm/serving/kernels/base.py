@@ -61,12 +61,6 @@ class GSQLinearKernel(MPLinearKernel):
     ) -> torch.Tensor: ...
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Dense ``[N, K]`` weight: ``scales[n, k // group_size] * codes[n, k]``, computed in fp32."""
-    expanded = scales.to(torch.float32).repeat_interleave(group_size, dim=1)
-    return (codes.to(torch.float32) * expanded).to(dtype)
-
-
 def register(layer: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Attach a kernel tensor as a frozen parameter (moved with the module, seen by Dynamo)."""
     layer.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))

@@ -13,7 +13,8 @@ import torch
 from vllm.model_executor.kernels.linear import MPLinearLayerConfig
 from vllm.platforms import current_platform
 
-from gsq_vllm.serving.kernels.base import GSQLinearKernel, dequantize, register
+from gsq_vllm.serving.kernels.base import GSQLinearKernel, register
+from gsq_vllm.weight_format import dequantize
 
 
 class GSQDequantLinearKernel(GSQLinearKernel):
@@ -27,7 +28,7 @@ class GSQDequantLinearKernel(GSQLinearKernel):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         codes, scales = self.take_codes_and_scales(layer)
-        register(layer, "weight", dequantize(codes, scales, self.group_size, self.config.act_type))
+        register(layer, "weight", dequantize(codes, scales).to(self.config.act_type))
         self.cpu_dispatch = current_platform.is_cpu()
         if self.cpu_dispatch:
             from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
