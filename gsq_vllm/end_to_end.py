@@ -15,8 +15,8 @@ symmetric int weights (GSQ, GPTQ, AutoRound, RTN).
 Sample recipe (after a ``GSQModifier`` in the same stage)::
 
         GSQEndToEndModifier:
-          steps: 40
-          sequences: 64
+          steps: 60
+          tune_norms: true
 """
 
 from __future__ import annotations
@@ -54,12 +54,12 @@ class GSQEndToEndModifier(Modifier):
 
     requires_calibration_data: bool = True
 
-    steps: int = Field(default=40, ge=0)
-    lr: float = Field(default=2e-3, gt=0)
-    sequences: int = Field(default=64, ge=1)
+    steps: int = Field(default=60, ge=0)
+    lr: float = Field(default=3e-3, gt=0)
+    sequences: int = Field(default=128, ge=1)
     sequences_per_step: int = Field(default=4, ge=1)
     holdout: float = Field(default=0.1, ge=0, lt=1)
-    tune_norms: bool = False
+    tune_norms: bool = True
     seed: int = 0
     cache_dtype: Literal["float32", "bfloat16"] = "bfloat16"
 

