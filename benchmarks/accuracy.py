@@ -38,8 +38,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "cache"
-# everything on the quantize -> checkpoint -> evaluate path (not the serving plugin or the kernels)
-SOURCES = ["gsq_vllm/*.py", "gsq_vllm/gsq/*.py", "benchmarks/accuracy.py"]
+# every source file on the quantize -> checkpoint -> evaluate path (not the command line, the serving
+# plugin or the kernels, and not this script's tables); editing any of them recomputes every row
+SOURCES = ["gsq_vllm/gsq/*.py", "gsq_vllm/modifier.py", "gsq_vllm/end_to_end.py", "gsq_vllm/quantize.py",
+           "gsq_vllm/data.py", "gsq_vllm/checkpoint.py", "gsq_vllm/evaluation.py", "gsq_vllm/packing.py",
+           "gsq_vllm/weight_format.py", "gsq_vllm/recipes/__init__.py"]
 LIBRARIES = ["torch", "transformers", "compressed-tensors", "llmcompressor", "auto-round"]
 
 
