@@ -15,7 +15,7 @@ Every configuration runs in a fresh child process (one vLLM engine each) with ``
 * ``weight_bytes``    bytes of the model's parameters and buffers in the worker (dense weights that
   vLLM's CPU GEMM dispatch moved into prepacked oneDNN/SGL handles counted at their dense size)
 
-Checkpoints come from ``tests/serving/make_checkpoints.py`` (run in ``.venv``, cached under
+Checkpoints come from ``scripts/make_checkpoints.py`` (run in ``.venv``, cached under
 ``.cache/gsq-vllm/checkpoints``). Results: ``benchmarks/results/serve_<device>.json`` and a table.
 On CUDA the same script runs GSQ through Marlin (int4 container), the Triton kernels and the
 dequantised fallback, and stock vLLM (Humming) with the plugin disabled.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-MAKE_CHECKPOINTS = REPO / "tests" / "serving" / "make_checkpoints.py"
+MAKE_CHECKPOINTS = REPO / "scripts" / "make_checkpoints.py"
 QUANTIZE_PYTHON = REPO / ".venv" / "bin" / "python"
 NEW_TOKENS = 128
 PREFILL_PROMPTS, PREFILL_LEN = 2, 256

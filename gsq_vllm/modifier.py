@@ -179,10 +179,6 @@ class GSQModifier(Modifier, QuantizationMixin):
                 continue
             if any(name.startswith(existing + ".") for existing in self._blocks):
                 continue  # nested in a block already: trained with it
-            grids = {self._grids[m] for m in members.values()}
-            if len(grids) != 1:
-                raise ValueError(f"block {name}: its Linears use different grids ({sorted(g.name for g in grids)}); "
-                                 "GSQ trains one grid per block: split the block or use one config group")
             self._blocks[name], self._members[name] = block, members
         if self.targets_from == "full_precision" and self.blocks != DECODER_LAYERS and self.steps > 0:
             raise ValueError("targets_from: full_precision needs blocks: decoder_layers (the full-precision "
@@ -318,7 +314,7 @@ class GSQModifier(Modifier, QuantizationMixin):
         result = optimize_block(
             lambda weights, i: run(weights, i), originals, targets,
             {rel: s[0] for rel, s in starts.items()}, {rel: s[1] for rel, s in starts.items()},
-            self._grids[next(iter(members.values()))], self.gsq_config(), name=block_name,
+            {rel: self._grids[module] for rel, module in members.items()}, self.gsq_config(), name=block_name,
         )
         self._log(block_name, "block", result, time.time() - begin,
                   {f"{block_name}.{rel}": result.codes[rel] for rel in members})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -125,13 +125,13 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
 
 def _make_relaxed(
     weights: dict[str, torch.Tensor], codes: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
-    grid: Grid, config: GSQConfig, generator: torch.Generator,
+    grid: Grid | Mapping[str, Grid], config: GSQConfig, generator: torch.Generator,
 ) -> dict[str, RelaxedWeight]:
     relaxed = {}
     for name in weights:
         _check_finite(name, weights[name])
         relaxed[name] = RelaxedWeight(
-            grid, codes[name], scales[name], logit_std=config.logit_std, prior_strength=config.prior_strength,
+            grid[name] if isinstance(grid, Mapping) else grid, codes[name], scales[name], logit_std=config.logit_std, prior_strength=config.prior_strength,
             logits_dtype=getattr(torch, config.logits_dtype), generator=generator, fused=config.fused,
         )
     return relaxed
@@ -244,7 +244,7 @@ def optimize_block(
     targets: Sequence[torch.Tensor],
     codes: dict[str, torch.Tensor],
     scales: dict[str, torch.Tensor],
-    grid: Grid,
+    grid: Grid | Mapping[str, Grid],
     config: GSQConfig = GSQConfig(),
     *,
     name: str = "block",
@@ -255,7 +255,8 @@ def optimize_block(
     ``forward(weights, i)`` runs the block on its ``i``-th cached calibration item with the given
     Linear weights; ``targets[i]`` is what it should output there. Each step takes enough random
     training items for ``config.tokens_per_step`` tokens; the last ``config.holdout`` of the items
-    are never trained on and decide whether the result beats the start.
+    are never trained on and decide whether the result beats the start. ``grid`` is one grid for
+    every Linear, or one per name (a block mixing widths: 4-bit attention, 2-bit MLP).
     """
     count = len(targets)
     if count < 1:

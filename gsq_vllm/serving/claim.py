@@ -11,15 +11,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from gsq_vllm.weight_format import CLAIMED_BITS, PACK_QUANTIZED, is_weight_only_int
+
 #: Environment variable that switches the plugin off (stock vLLM behaviour): ``GSQ_VLLM_DISABLE=1``.
 DISABLE_ENV = "GSQ_VLLM_DISABLE"
 #: Environment variable that forces one kernel by name, e.g. ``GSQ_VLLM_KERNEL=dequant``.
 KERNEL_ENV = "GSQ_VLLM_KERNEL"
 #: The name of the quantization method the plugin registers (``--quantization gsq``).
 METHOD_NAME = "gsq"
-#: Bit widths the plugin's own kernels serve; 4 and 8 bits stay with stock vLLM.
-GSQ_BITS = (2, 3)
-PACK_QUANTIZED = "pack-quantized"
 
 
 def plugin_disabled() -> bool:
@@ -28,16 +27,8 @@ def plugin_disabled() -> bool:
 
 
 def is_gsq_weight_group(weights: dict[str, Any] | None, input_activations: Any = None) -> bool:
-    """A config group's ``weights`` entry that the plugin's kernels serve."""
-    if not weights or input_activations:
-        return False
-    return (
-        weights.get("num_bits") in GSQ_BITS
-        and str(weights.get("type", "int")) == "int"
-        and bool(weights.get("symmetric", True))
-        and str(weights.get("strategy", "group")) in ("group", "channel")
-        and not weights.get("dynamic", False)
-    )
+    """A config group's ``weights`` entry that makes a checkpoint the plugin's (2/3-bit weight-only)."""
+    return is_weight_only_int(weights, input_activations) and weights.get("num_bits") in CLAIMED_BITS
 
 
 def claims_checkpoint(hf_quant_cfg: dict[str, Any] | None) -> bool:

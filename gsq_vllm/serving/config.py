@@ -15,26 +15,30 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
 from vllm.platforms import current_platform
 
 from gsq_vllm.packing import layout_for_compressed_tensors_version
-from gsq_vllm.serving.claim import GSQ_BITS, METHOD_NAME, PACK_QUANTIZED, override_method
+from gsq_vllm.serving.claim import METHOD_NAME, override_method
 from gsq_vllm.serving.scheme import CompressedTensorsGSQ
+from gsq_vllm.weight_format import CLAIMED_BITS, PACK_QUANTIZED, SERVED_BITS, is_weight_only_int
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": shown by vLLM's log config
 
 
 def _weight_only_int(weight_quant: Any, input_quant: Any) -> bool:
-    return (
-        weight_quant is not None
-        and input_quant is None
-        and str(getattr(weight_quant.type, "value", weight_quant.type)) == "int"
-        and bool(weight_quant.symmetric)
-        and not weight_quant.dynamic
-        and str(getattr(weight_quant.strategy, "value", weight_quant.strategy)) in ("group", "channel")
-    )
+    """:func:`gsq_vllm.weight_format.is_weight_only_int` for vLLM's parsed ``QuantizationArgs``."""
+    return weight_quant is not None and is_weight_only_int(weight_quant.model_dump(mode="json"), input_quant)
 
 
 def is_gsq_layer(weight_quant: Any, input_quant: Any, fmt: str | None) -> bool:
-    """A layer the plugin serves: 2/3-bit symmetric int, weight-only, pack-quantized."""
-    return fmt == PACK_QUANTIZED and _weight_only_int(weight_quant, input_quant) and weight_quant.num_bits in GSQ_BITS
+    """A 2/3-bit symmetric int, weight-only, pack-quantized layer (the plugin's own kind)."""
+    return fmt == PACK_QUANTIZED and _weight_only_int(weight_quant, input_quant) and weight_quant.num_bits in CLAIMED_BITS
+
+
+def serves_layer(num_bits: int) -> bool:
+    """Whether a weight-only pack-quantized layer of a checkpoint the plugin serves gets a GSQ kernel.
+
+    2/3-bit always; 4-bit on the CPU too (stock vLLM's CPU 4-bit kernel is built for AVX-512 only,
+    ours run everywhere); 4-bit on GPUs and 8-bit stay with stock vLLM (Marlin and friends).
+    """
+    return num_bits in CLAIMED_BITS or (num_bits in SERVED_BITS and current_platform.is_cpu()) or num_bits not in (4, 8)
 
 
 class GSQConfig(CompressedTensorsConfig):
@@ -67,7 +71,7 @@ class GSQConfig(CompressedTensorsConfig):
     ):
         fmt = format if format is not None else self.quant_format
         if output_quant is None and fmt == PACK_QUANTIZED and _weight_only_int(weight_quant, input_quant):
-            if weight_quant.num_bits not in (4, 8):  # 2/3 bits served here; 5-7 refused with the layer name
+            if serves_layer(weight_quant.num_bits):  # 5-7 bits come here too, to be refused with the layer name
                 return CompressedTensorsGSQ(
                     num_bits=weight_quant.num_bits,
                     strategy=str(getattr(weight_quant.strategy, "value", weight_quant.strategy)),

@@ -24,7 +24,7 @@ from vllm.model_executor.parameter import BasevLLMParameter, ChannelQuantScalePa
 from vllm.scalar_type import scalar_types
 
 from gsq_vllm.packing import PackLayout, unpack_codes
-from gsq_vllm.serving.claim import GSQ_BITS
+from gsq_vllm.weight_format import SERVED_BITS
 from gsq_vllm.serving.kernels import choose_gsq_kernel
 from gsq_vllm.serving.parameters import GSQPackedWeightParameter, initial_packed_width
 from gsq_vllm.serving.sharding import plan_input_shard, take_input_shard
@@ -32,7 +32,7 @@ from gsq_vllm.serving.sharding import plan_input_shard, take_input_shard
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": shown by vLLM's log config
 
 #: vLLM's name for a code stored unsigned with a bias of 2**(bits-1) (the compressed-tensors form)
-GSQ_SCALAR_TYPES = {2: scalar_types.uint2b2, 3: scalar_types.uint3b4}
+GSQ_SCALAR_TYPES = {2: scalar_types.uint2b2, 3: scalar_types.uint3b4, 4: scalar_types.uint4b8}
 _QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 
 
@@ -41,7 +41,7 @@ class GSQLoadError(ValueError):
 
 
 class CompressedTensorsGSQ(CompressedTensorsScheme):
-    """Weight-only ``num_bits`` in (2, 3), symmetric, group- or channel-wise, pack-quantized."""
+    """Weight-only ``num_bits`` in (2, 3, 4), symmetric, group- or channel-wise, pack-quantized."""
 
     def __init__(
         self,
@@ -52,10 +52,10 @@ class CompressedTensorsGSQ(CompressedTensorsScheme):
         layout_hint: PackLayout | None = None,
     ):
         name = layer_name or "<unnamed layer>"
-        if num_bits not in GSQ_BITS:
+        if num_bits not in SERVED_BITS:
             raise GSQLoadError(
                 f"{name}: num_bits {num_bits} is not served by the gsq plugin "
-                f"(supported: {', '.join(map(str, GSQ_BITS))}; 4 and 8 bits go to stock vLLM)"
+                f"(supported: {', '.join(map(str, SERVED_BITS))}; 8 bits go to stock vLLM)"
             )
         if strategy not in ("group", "channel"):
             raise GSQLoadError(f"{name}: strategy {strategy!r} is not supported (expected 'group' or 'channel')")

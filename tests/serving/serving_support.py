@@ -1,5 +1,5 @@
 """Helpers shared by the serving tests and scripts (imported as ``serving_support``: pytest puts
-this folder on sys.path). Checkpoints are made by ``make_checkpoints.py`` run with
+this folder on sys.path). Checkpoints are made by ``scripts/make_checkpoints.py`` run with
 ``.venv/bin/python`` (llmcompressor lives there, not in the serving env) and cached under
 ``.cache/gsq-vllm/checkpoints/<kind>``.
 """
@@ -18,7 +18,7 @@ from gsq_vllm.packing import code_range
 
 REPO = Path(__file__).resolve().parents[2]
 QUANTIZE_PYTHON = REPO / ".venv" / "bin" / "python"
-MAKE_CHECKPOINTS = Path(__file__).with_name("make_checkpoints.py")
+MAKE_CHECKPOINTS = REPO / "scripts" / "make_checkpoints.py"
 
 
 def checkpoint_dir(kind: str) -> Path:

