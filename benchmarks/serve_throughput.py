@@ -122,7 +122,7 @@ def probe_kernels() -> dict:
     from vllm.platforms import current_platform
 
     current_platform.import_kernels()
-    from gsq_vllm.serving.kernels import ALL_KERNELS, PLATFORM_KERNELS, platform_key
+    from gsq_vllm.serving.linear_kernels import ALL_KERNELS, PLATFORM_KERNELS, platform_key
     from gsq_vllm.serving.scheme import GSQ_SCALAR_TYPES
 
     found = {}

@@ -133,3 +133,23 @@ def test_existing_output_is_refused_then_replaced_atomically(tiny_model_dir, tmp
     run(tiny_model_dir, gsq_recipe(2, steps=1), out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["existing"]
+
+
+def test_mixed_widths_in_one_decoder_layer(tiny_model_dir, tmp_path):
+    """The shipped recipe's split (4-bit attention, 2-bit MLP) on the tiny model: one block per
+    decoder layer, each Linear on its own grid, and the checkpoint says which width each has."""
+    from gsq_vllm.recipes import load_recipe, set_modifier_options
+
+    recipe = load_recipe("gsq_w2mlp_w4attn_g64")
+    set_modifier_options(recipe, "GSQModifier", steps=3, tokens_per_step=512)
+    set_modifier_options(recipe, "GSQEndToEndModifier", steps=0)
+    for group in recipe["quant_stage"]["quant_modifiers"]["GSQModifier"]["config_groups"].values():
+        group["weights"]["group_size"] = 32
+    result = run(tiny_model_dir, yaml.safe_dump(recipe), tmp_path / "mixed")
+    info, codes = checkpoint_codes(result.output_dir)
+    for name, layer in info.layers.items():
+        expected = 4 if ".self_attn." in name else 2
+        assert layer.quant.num_bits == expected, name
+        low, high = -(1 << (expected - 1)), (1 << (expected - 1)) - 1
+        assert codes[name].min() >= low and codes[name].max() <= high, name
+    assert [row["name"] for row in result.report] == ["model.layers.0", "model.layers.1"]

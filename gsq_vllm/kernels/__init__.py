@@ -24,7 +24,10 @@ The plane layout is defined (and inverted, for tests) in gsq_vllm.packing: see
         bias  [N] or None
         y     x.dtype [..., N]
 
-``gsq_matmul`` picks a kernel by M = rows of x (:func:`select_kernel`): M <= 2 the CUDA-core
+``gsq_matmul`` checks its inputs and calls the custom op ``torch.ops.gsq_vllm.matmul`` (one
+opaque node in a compiled graph; the vLLM plugin calls the same op with the planes, scales and
+scratch it keeps as layer buffers, so the benchmark times exactly the serving path). The op
+picks a kernel by M = rows of x (:func:`select_kernel`): M <= 2 the CUDA-core
 split-K GEMV (gemv_splitk.py), M <= 16 the tensor-core kernel with split-K, larger M the tiled
 tensor-core GEMM (gemm.py). Each kernel autotunes per GPU architecture (Ampere or Hopper list)
 and per (M rounded up to a power of two, N, K, bits, group size, dtypes), at the first call
@@ -58,6 +61,7 @@ __all__ = [
     "prepare_weight",
     "gsq_matmul",
     "select_kernel",
+    "matmul_op",
     "reference_matmul",
     "dequantize",
     "triton_available",
@@ -87,8 +91,8 @@ class GSQPackedWeight:
     out_features: int  # N
     # The GEMV's split-K scratch: fp32 [GEMV_MAX_M, N] partial sums and int32
     # [GEMV_MAX_M * ceil(N / 16)] arrival counters (8.5 bytes per output feature). Each call
-    # leaves them zeroed, so one weight must not run on two CUDA streams at once. None (e.g. a
-    # GSQPackedWeight rebuilt from stored planes): each GEMV call allocates a zeroed one.
+    # leaves them zeroed, so one weight must not run on two CUDA streams at once. None (a weight
+    # built field by field): gsq_matmul allocates a zeroed one for each call.
     split_k_scratch: tuple[torch.Tensor, torch.Tensor] | None = dataclasses.field(
         default=None, repr=False
     )
@@ -149,12 +153,7 @@ def prepare_weight(
         group_size=group_size,
         in_features=in_features,
         out_features=out_features,
-        split_k_scratch=(
-            torch.zeros(GEMV_MAX_M, out_features, dtype=torch.float32, device=codes.device),
-            torch.zeros(
-                GEMV_MAX_M * -(-out_features // 16), dtype=torch.int32, device=codes.device
-            ),
-        ),
+        split_k_scratch=new_scratch(out_features, codes.device),
     )
 
 
@@ -195,13 +194,46 @@ def gsq_matmul(
     rows = x.reshape(-1, weight.in_features)
     if rows.stride(-1) != 1:  # the kernels take any row stride but need contiguous rows
         rows = rows.contiguous()
-    if rows.shape[0] == 0:
-        out = rows.new_empty(0, weight.out_features)
-    else:
-        out = _run_kernel(select_kernel(rows.shape[0]), rows, weight)
+    scratch = weight.split_k_scratch or new_scratch(weight.out_features, weight.device)
+    out = torch.ops.gsq_vllm.matmul(rows, weight.low_plane, weight.high_plane, weight.scales, *scratch,
+                                    weight.bits, weight.group_size)
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.reshape(*x.shape[:-1], weight.out_features)
+
+
+@torch.library.custom_op("gsq_vllm::matmul", mutates_args=("scratch_sums", "scratch_counters"))
+def matmul_op(
+    x: torch.Tensor,
+    low_plane: torch.Tensor,
+    high_plane: torch.Tensor | None,
+    scales: torch.Tensor,
+    scratch_sums: torch.Tensor,
+    scratch_counters: torch.Tensor,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``x [M, K] @ weight.T -> [M, N]`` on a weight's kernel-layout tensors (no bias, no checks:
+    :func:`gsq_matmul` and the plugin's ``can_implement`` check at the boundary). The GEMV's
+    scratch is read and left zeroed, never allocated here."""
+    weight = GSQPackedWeight(
+        low_plane=low_plane, high_plane=high_plane, scales=scales, bits=bits, group_size=group_size,
+        in_features=x.shape[-1], out_features=low_plane.shape[1], split_k_scratch=(scratch_sums, scratch_counters),
+    )
+    if x.shape[0] == 0:
+        return x.new_empty(0, weight.out_features)
+    return _run_kernel(select_kernel(x.shape[0]), x, weight)
+
+
+@matmul_op.register_fake
+def _matmul_op_shape(x, low_plane, high_plane, scales, scratch_sums, scratch_counters, bits, group_size):
+    return x.new_empty(x.shape[0], low_plane.shape[1])
+
+
+def new_scratch(out_features: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zeroed GEMV split-K scratch for a weight with ``out_features`` outputs."""
+    return (torch.zeros(GEMV_MAX_M, out_features, dtype=torch.float32, device=device),
+            torch.zeros(GEMV_MAX_M * -(-out_features // 16), dtype=torch.int32, device=device))
 
 
 def _run_kernel(name: str, rows: torch.Tensor, weight: GSQPackedWeight) -> torch.Tensor:

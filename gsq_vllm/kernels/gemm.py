@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from gsq_vllm.kernels.reference import reference_from_planes
 
 
 def _configs(shapes) -> list:
@@ -275,8 +274,3 @@ def gemm(
     else:
         gemm_kernel[grid(config)](*args, **meta, **config)
     return out.to(x.dtype)
-
-
-def reference(x: torch.Tensor, weight) -> torch.Tensor:
-    """What :func:`gemm` computes, in plain torch."""
-    return reference_from_planes(x, weight)

@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from gsq_vllm.kernels.reference import reference_from_planes
 
 FLOAT_TWO_POW_23 = tl.constexpr(0x4B000000)  # bits of the fp32 2**23; its mantissa is all zero
 
@@ -240,8 +239,3 @@ def gemv_splitk(x: torch.Tensor, weight, config: dict | None = None) -> torch.Te
         grid = (M, triton.cdiv(N, config["BLOCK_N"]), config["SPLIT_K"])
         gemv_splitk_kernel[grid](*args, **meta, **config)
     return out.to(x.dtype)
-
-
-def reference(x: torch.Tensor, weight) -> torch.Tensor:
-    """What :func:`gemv_splitk` computes, in plain torch."""
-    return reference_from_planes(x, weight)

@@ -2,10 +2,10 @@
 
 ``register()`` is the ``vllm.general_plugins`` entry point (see pyproject.toml). vLLM calls it in
 every process it starts, possibly more than once; it registers the quantization method ``gsq``
-(:class:`gsq_vllm.serving.config.GSQConfig`), which then claims 2/3-bit checkpoints by itself.
+(:class:`gsq_vllm.serving.config.GSQQuantizationConfig`), which then claims 2/3-bit checkpoints by itself.
 
 * ``GSQ_VLLM_DISABLE=1``: register nothing (stock vLLM behaviour).
-* ``GSQ_VLLM_KERNEL=<name>``: force one kernel (see :mod:`gsq_vllm.serving.kernels`).
+* ``GSQ_VLLM_KERNEL=<name>``: force one kernel (see :mod:`gsq_vllm.serving.linear_kernels`).
 
 The entry point is loaded by every ``vllm serve`` on the machine, whatever the model, so it
 fails soft: if registration raises (a vLLM outside the supported versions, an API that moved, a
@@ -60,11 +60,11 @@ def _check_version(version: str) -> None:
 def _register_method() -> None:
     from vllm.model_executor.layers.quantization import register_quantization_config
 
-    from gsq_vllm.serving.config import GSQConfig
+    from gsq_vllm.serving.config import GSQQuantizationConfig
 
     if is_registered():
         return
-    register_quantization_config(METHOD_NAME)(GSQConfig)
+    register_quantization_config(METHOD_NAME)(GSQQuantizationConfig)
     logger.debug("registered the %s quantization method", METHOD_NAME)
 
 

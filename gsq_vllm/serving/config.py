@@ -1,4 +1,4 @@
-"""``GSQConfig``: vLLM's compressed-tensors config, with 2/3-bit weight-only layers served by GSQ.
+"""``GSQQuantizationConfig``: vLLM's compressed-tensors config, with 2/3-bit weight-only layers served by GSQ.
 
 Everything stock vLLM already does for compressed-tensors (4/8-bit WNA16, FP8, ignored layers,
 KV-cache schemes, transforms) is inherited unchanged; only the scheme chosen for a 2/3-bit
@@ -32,6 +32,16 @@ def is_gsq_layer(weight_quant: Any, input_quant: Any, fmt: str | None) -> bool:
     return fmt == PACK_QUANTIZED and _weight_only_int(weight_quant, input_quant) and weight_quant.num_bits in CLAIMED_BITS
 
 
+def stock_serves_low_bit() -> bool:
+    """Whether stock vLLM runs 2/3-bit weight-only layers here: vLLM 0.33+ on CUDA (its Humming
+    kernels). Then the plugin does not claim checkpoints unasked; on the CPU, ROCm and older vLLM
+    there is no stock 2/3-bit path and it does."""
+    from gsq_vllm.serving import vllm_version
+
+    release = tuple(int(part) for part in vllm_version().split("+")[0].split(".")[:2])
+    return current_platform.is_cuda() and release >= (0, 33)
+
+
 def serves_layer(num_bits: int) -> bool:
     """Whether a weight-only pack-quantized layer of a checkpoint the plugin serves gets a GSQ kernel.
 
@@ -41,7 +51,7 @@ def serves_layer(num_bits: int) -> bool:
     return num_bits in CLAIMED_BITS or (num_bits in SERVED_BITS and current_platform.is_cpu()) or num_bits not in (4, 8)
 
 
-class GSQConfig(CompressedTensorsConfig):
+class GSQQuantizationConfig(CompressedTensorsConfig):
     """Registered as ``gsq``; claims 2/3-bit compressed-tensors checkpoints (see ``claim.py``)."""
 
     def get_name(self) -> str:
@@ -50,12 +60,16 @@ class GSQConfig(CompressedTensorsConfig):
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
         method = override_method(hf_quant_cfg, user_quant)
+        if method is not None and user_quant is None and stock_serves_low_bit():
+            logger.info("GSQ plugin: this vLLM serves 2/3-bit compressed-tensors layers itself on CUDA (Humming); "
+                        "leaving the checkpoint to it (--quantization gsq runs the plugin's Marlin/Triton kernels)")
+            return None
         if method is not None:
             logger.info("GSQ plugin serves this compressed-tensors checkpoint (--quantization %s)", method)
         return method
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "GSQConfig":
+    def from_config(cls, config: dict[str, Any]) -> "GSQQuantizationConfig":
         self = super().from_config(config)
         # only breaks ties where both 3-bit layouts give the same width (tiny inputs)
         self.gsq_layout_hint = layout_for_compressed_tensors_version(config.get("version"))

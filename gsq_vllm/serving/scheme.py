@@ -25,7 +25,7 @@ from vllm.scalar_type import scalar_types
 
 from gsq_vllm.packing import PackLayout, unpack_codes
 from gsq_vllm.weight_format import SERVED_BITS
-from gsq_vllm.serving.kernels import choose_gsq_kernel
+from gsq_vllm.serving.linear_kernels import choose_gsq_kernel
 from gsq_vllm.serving.parameters import GSQPackedWeightParameter, initial_packed_width
 from gsq_vllm.serving.sharding import plan_input_shard, take_input_shard
 

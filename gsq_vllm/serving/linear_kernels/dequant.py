@@ -13,7 +13,7 @@ import torch
 from vllm.model_executor.kernels.linear import MPLinearLayerConfig
 from vllm.platforms import current_platform
 
-from gsq_vllm.serving.kernels.base import GSQLinearKernel, register
+from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel, register
 from gsq_vllm.weight_format import dequantize
 
 

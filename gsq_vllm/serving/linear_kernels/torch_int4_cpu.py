@@ -17,7 +17,7 @@ from vllm.model_executor.kernels.linear import MPLinearLayerConfig
 from vllm.platforms import current_platform
 
 from gsq_vllm.packing import widen_to_uint4
-from gsq_vllm.serving.kernels.base import GSQLinearKernel, register
+from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel, register
 
 GROUP_SIZES = (32, 64, 128, 256)
 

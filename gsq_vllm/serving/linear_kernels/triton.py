@@ -5,9 +5,11 @@ Layout: checkpoint ``weight_packed`` -> int8 codes ``[N, K]`` (scheme) ->
 3-bit ``high_plane`` int32 ``[K / 32, N]``) and scales ``[K / group, N]``; the GEMV/GEMM kernels
 read 2 or 3 bits a weight from memory (no 4-bit container).
 
-The call is registered as the custom op ``torch.ops.vllm.gsq_triton_matmul`` so that vLLM's
-torch.compile graph treats it as one opaque node. On the CPU it runs only under the Triton
-interpreter (``TRITON_INTERPRET=1``, for tests), and is never picked unless forced.
+Planes, scales and the GEMV's split-K scratch are built once at load and kept as layer buffers;
+every forward is one call of the custom op ``torch.ops.gsq_vllm.matmul`` (registered beside the
+kernels, one opaque node in vLLM's compiled graph), the same op ``benchmarks/kernels.py`` times.
+Triton's availability is checked once, in ``can_implement``. On the CPU the kernels run only
+under the Triton interpreter (``TRITON_INTERPRET=1``, for tests), and are never picked unless forced.
 """
 
 from __future__ import annotations
@@ -16,47 +18,7 @@ import torch
 from vllm.model_executor.kernels.linear import MPLinearLayerConfig
 from vllm.platforms import current_platform
 
-from gsq_vllm.serving.kernels.base import GSQLinearKernel, register
-
-_OP_REGISTERED = False
-
-
-def _gsq_triton_matmul(
-    x: torch.Tensor,
-    low_plane: torch.Tensor,
-    high_plane: torch.Tensor | None,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> torch.Tensor:
-    from gsq_vllm.kernels import GSQPackedWeight, gsq_matmul
-
-    weight = GSQPackedWeight(
-        low_plane=low_plane,
-        high_plane=high_plane,
-        scales=scales,
-        bits=bits,
-        group_size=group_size,
-        in_features=x.shape[-1],
-        out_features=low_plane.shape[1],
-    )
-    return gsq_matmul(x, weight, bias)
-
-
-def _gsq_triton_matmul_fake(x, low_plane, high_plane, scales, bias, bits, group_size) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], low_plane.shape[1])
-
-
-def _register_op() -> None:
-    global _OP_REGISTERED
-    if _OP_REGISTERED or hasattr(torch.ops.vllm, "gsq_triton_matmul"):
-        _OP_REGISTERED = True
-        return
-    from vllm.utils.torch_utils import direct_register_custom_op
-
-    direct_register_custom_op("gsq_triton_matmul", _gsq_triton_matmul, fake_impl=_gsq_triton_matmul_fake)
-    _OP_REGISTERED = True
+from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel, register
 
 
 def _device() -> str:
@@ -70,7 +32,7 @@ class GSQTritonLinearKernel(GSQLinearKernel):
 
     @classmethod
     def can_implement(cls, c: MPLinearLayerConfig) -> tuple[bool, str | None]:
-        try:
+        try:  # importing registers torch.ops.gsq_vllm.matmul
             from gsq_vllm.kernels import GROUP_SIZES, triton_available
         except ImportError as err:
             return False, f"gsq_vllm.kernels is not importable ({err})"
@@ -98,11 +60,18 @@ class GSQTritonLinearKernel(GSQLinearKernel):
         else:
             layer.gsq_high_plane = None
         register(layer, "gsq_scales", packed.scales)
-        _register_op()
+        sums, counters = packed.split_k_scratch
+        layer.register_buffer("gsq_scratch_sums", sums, persistent=False)
+        layer.register_buffer("gsq_scratch_counters", counters, persistent=False)
 
     def apply_weights(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return torch.ops.vllm.gsq_triton_matmul(
-            x, layer.gsq_low_plane, layer.gsq_high_plane, layer.gsq_scales, bias, self.num_bits, self.group_size
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.ops.gsq_vllm.matmul(
+            rows.contiguous(), layer.gsq_low_plane, layer.gsq_high_plane, layer.gsq_scales,
+            layer.gsq_scratch_sums, layer.gsq_scratch_counters, self.num_bits, self.group_size,
         )
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
