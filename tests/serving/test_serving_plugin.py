@@ -207,7 +207,7 @@ def test_cpu_wna16_states_why_it_cannot_run(vllm_tp1):
 
 def test_gptq_int4_repack_for_marlin_and_cpu_wna16(vllm_tp1):
     """The int4 container handed to Marlin / CPU WNA16 holds exactly the GSQ codes and scales."""
-    from gsq_vllm.serving.linear_kernels.cpu_wna16 import gptq_parameters
+    from gsq_vllm.serving.linear_kernels.int4_container import gptq_parameters
 
     codes, scales = random_codes(128, 256, 3), random_scales(128, 4)
     qweight, scale = gptq_parameters(codes, scales)
@@ -217,7 +217,9 @@ def test_gptq_int4_repack_for_marlin_and_cpu_wna16(vllm_tp1):
 
 
 def test_marlin_config_channel_wise_becomes_minus_one():
-    from gsq_vllm.serving.linear_kernels.marlin import marlin_config
+    from gsq_vllm.serving.linear_kernels.marlin import GSQMarlinLinearKernel
+
+    marlin_config = GSQMarlinLinearKernel.stock_config
     from vllm.scalar_type import scalar_types
 
     assert marlin_config(layer_config(512, 256, 3, group=512)).group_size == -1
