@@ -41,8 +41,8 @@ CACHE = RESULTS / "cache"
 # every source file on the quantize -> checkpoint -> evaluate path (not the command line, the serving
 # plugin or the kernels, and not this script's tables); editing any of them recomputes every row
 SOURCES = ["gsq_vllm/gsq/*.py", "gsq_vllm/modifier.py", "gsq_vllm/end_to_end.py", "gsq_vllm/quantize.py",
-           "gsq_vllm/data.py", "gsq_vllm/checkpoint.py", "gsq_vllm/evaluation.py", "gsq_vllm/packing.py",
-           "gsq_vllm/weight_format.py", "gsq_vllm/recipes/__init__.py"]
+           "gsq_vllm/data.py", "gsq_vllm/files.py", "gsq_vllm/checkpoint.py", "gsq_vllm/evaluation.py",
+           "gsq_vllm/packing.py", "gsq_vllm/weight_format.py", "gsq_vllm/recipes/__init__.py"]
 LIBRARIES = ["torch", "transformers", "compressed-tensors", "llmcompressor", "auto-round"]
 
 
@@ -227,8 +227,7 @@ def run_one(name: str, settings: dict, recipe: dict | None, out_file: Path) -> N
     reference = DiskCachedReference(load_causal_lm(model_dir),
                                     data.cache_dir() / "reference-logits" / model_digest(model_dir))
     for text, suffix in (("wiki", ""), ("news", "_news")):
-        spec_windows = data.WindowSpec(settings["evaluation"][text]["windows"], 2048, from_end=True)
-        windows = data.take_windows(data.tokenize_file(data.text_path(text), tokenizer), spec_windows, source=text)
+        windows = data.text_windows(text, tokenizer, settings["evaluation"][text]["windows"], 2048, from_end=True)
         torch.manual_seed(0)
         scores = evaluate(candidate, windows, reference, description=f"{name} on {text}")
         record.update({f"ce{suffix}": scores.ce, f"ppl{suffix}": scores.ppl, f"ear{suffix}": scores.ear,

@@ -157,6 +157,10 @@ def run_gpu(args, device: torch.device) -> None:
         "results": rows,
     })
     print(f"\nwrote {path}")
+    failed = [c for c in checks if not c["ok"]]
+    if failed:  # timings of a wrong kernel mean nothing: fail the run
+        print(f"{len(failed)}/{len(checks)} correctness checks FAILED (see 'correctness' in {path})")
+        sys.exit(1)
 
 
 def check_on_gpu(weight, codes, scales, group_size, dtype, checks, model, layer) -> None:
@@ -244,7 +248,7 @@ def marlin_w4(n, k, group_size, dtype, device):
     from vllm.scalar_type import scalar_types
 
     from gsq_vllm.kernels import reference_matmul
-    from gsq_vllm.packing import pack_gptq_int4
+    from gsq_vllm.serving.int4_packing import pack_gptq_int4
 
     codes = torch.randint(-8, 8, (n, k), dtype=torch.int8)
     scales = (torch.randn(n, k // group_size) * 0.01).to(dtype)

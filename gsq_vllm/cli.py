@@ -11,7 +11,6 @@ Parsing the arguments imports nothing heavy (no torch, transformers, llmcompress
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -29,50 +28,23 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def evaluate_models(
-    model_dir: str | Path,
-    reference_dir: str | Path | None,
-    text: str,
-    windows: int,
-    seq_len: int,
-    from_end: bool = True,
-) -> dict:
-    """Load, tokenize and evaluate: the shared core of ``gsq-vllm eval`` and ``quantize``."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from gsq_vllm import data
-    from gsq_vllm.checkpoint import load_causal_lm
-    from gsq_vllm.evaluation import evaluate
-
-    text_file = data.resolve_text(text)
-    model = load_causal_lm(model_dir)
-    reference = load_causal_lm(reference_dir) if reference_dir else None
-    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir or model_dir))
-    tokens = data.tokenize_file(text_file, tokenizer)
-    spec = data.WindowSpec(count=windows, length=seq_len, from_end=from_end)
-    batch = data.take_windows(tokens, spec, source=str(text_file))
-    torch.manual_seed(0)
-    result = evaluate(model, batch, reference, description=f"eval {Path(model_dir).name}")
-    return {"model": str(model_dir), "reference": str(reference_dir) if reference_dir else None,
-            "text": str(text_file), **result.to_dict()}
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from gsq_vllm import data
-    from gsq_vllm.evaluation import format_table
+    from gsq_vllm.evaluation import evaluate_models, format_table
 
     model = args.model or data.default_model_dir()
     record = evaluate_models(model, args.reference, args.text, args.windows, args.seq_len, not args.from_start)
     print(format_table([record], ["model", "ppl", "ce", "ear", "kl", "tokens"]))
     if args.json:
-        _write_json_atomic(Path(args.json), record)
+        from gsq_vllm.files import write_json_atomic
+
+        write_json_atomic(Path(args.json), record)
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from gsq_vllm import data
-    from gsq_vllm.evaluation import format_table
+    from gsq_vllm.evaluation import evaluate_models, format_table
     from gsq_vllm.quantize import quantize
     from gsq_vllm.recipes import edit_recipe, load_recipe, recipe_summary
 
@@ -97,15 +69,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {result.output_dir} in {result.seconds:.0f} s")
     if args.json:
-        _write_json_atomic(Path(args.json), record)
+        from gsq_vllm.files import write_json_atomic
+
+        write_json_atomic(Path(args.json), record)
     return 0
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def _bits(value: str) -> int | str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -101,3 +102,27 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in table]
     return "\n".join(lines)
+
+
+def evaluate_models(
+    model_dir: str | Path,
+    reference_dir: str | Path | None,
+    text: str,
+    windows: int,
+    seq_len: int,
+    from_end: bool = True,
+) -> dict:
+    """Load a model folder or checkpoint (and a reference), evaluate it on a text: ``gsq-vllm eval``'s job."""
+    from transformers import AutoTokenizer
+
+    from gsq_vllm import data
+    from gsq_vllm.checkpoint import load_causal_lm
+
+    model = load_causal_lm(model_dir)
+    reference = load_causal_lm(reference_dir) if reference_dir else None
+    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir or model_dir))
+    batch = data.text_windows(text, tokenizer, windows, seq_len, from_end=from_end)
+    torch.manual_seed(0)
+    result = evaluate(model, batch, reference, description=f"eval {Path(model_dir).name}")
+    return {"model": str(model_dir), "reference": str(reference_dir) if reference_dir else None,
+            "text": str(data.resolve_text(text)), **result.to_dict()}

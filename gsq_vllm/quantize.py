@@ -1,6 +1,7 @@
 """The quantize job: a recipe, a model folder and calibration text in; a checkpoint out.
 
-Shared by ``gsq-vllm quantize`` and ``benchmarks/accuracy.py``. The checkpoint is written by
+Shared by ``gsq-vllm quantize`` and ``benchmarks/accuracy.py``; the one place that knows
+llmcompressor's ``oneshot`` and its session (to read GSQ's per-layer report). The checkpoint is written by
 llmcompressor (compressed-tensors ``pack-quantized``) into a temporary folder beside the target
 and moved into place only when complete, so an existing folder is never left half-written.
 """
@@ -10,8 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,49 +19,10 @@ import torch
 import yaml
 
 from gsq_vllm import data
+from gsq_vllm.files import commit_output, prepare_output
+from gsq_vllm.peak_memory import PeakMemory
 
 logger = logging.getLogger(__name__)
-
-def calibration_dataset(tokenizer, text: str, samples: int, seq_len: int, spread: bool = True):
-    """``samples`` windows of ``seq_len`` tokens of a text, as a Dataset.
-
-    Spread evenly over the whole text by default (more varied than consecutive windows from its
-    start, which cover only its first few articles); ``spread=False`` takes them from the start.
-    """
-    from datasets import Dataset
-
-    tokens = data.tokenize_file(data.resolve_text(text), tokenizer)
-    windows = data.take_windows(tokens, data.WindowSpec(samples, seq_len, spread=spread),
-                                source=f"calibration text {text}")
-    return Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
-
-
-class PeakMemory:
-    """Peak resident memory of this process while the block runs (polled every 50 ms)."""
-
-    def __init__(self):
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _rss_mb() -> float:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def _poll(self):
-        while not self._stop.wait(0.05):
-            self.peak_mb = max(self.peak_mb, self._rss_mb())
-
-    def __enter__(self):
-        self.peak_mb = self._rss_mb()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, self._rss_mb())
 
 
 @dataclass
@@ -72,25 +32,6 @@ class QuantizeResult:
     peak_mem_mb: float
     report: list[dict]
     model: torch.nn.Module  # the quantized model, in memory
-
-
-def prepare_output(output_dir: Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless asked; return a fresh temporary folder beside it."""
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"output folder {output_dir} already exists; pass --overwrite to replace it")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-
-
-def commit_output(tmp_dir: Path, output_dir: Path) -> None:
-    """Move a finished checkpoint into place; the old one (if any) is removed only afterwards."""
-    backup = None
-    if output_dir.exists():
-        backup = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        output_dir.rename(backup)
-    tmp_dir.rename(output_dir)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def quantize(
@@ -103,8 +44,13 @@ def quantize(
     calibration_seq_len: int = 512,
     calibration_spread: bool = True,
     overwrite: bool = False,
+    dataset=None,
 ) -> QuantizeResult:
-    """Run a recipe through llmcompressor's ``oneshot`` and save a compressed checkpoint."""
+    """Run a recipe through llmcompressor's ``oneshot`` and save a compressed checkpoint.
+
+    Calibration is ``calibration_samples`` windows of ``calibration_seq_len`` tokens of
+    ``calibration_text``, or ``dataset`` (a ready ``datasets.Dataset`` of ``input_ids``) if given.
+    """
     import gsq_vllm.modifier  # noqa: F401  (registers GSQModifier and GSQEndToEndModifier with llmcompressor)
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,8 +62,9 @@ def quantize(
     tmp_dir = prepare_output(output_dir, overwrite)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        dataset = calibration_dataset(tokenizer, calibration_text, calibration_samples, calibration_seq_len,
-                                      calibration_spread)
+        if dataset is None:
+            dataset = data.calibration_dataset(tokenizer, calibration_text, calibration_samples, calibration_seq_len,
+                                               calibration_spread)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         start = time.time()
         with PeakMemory() as memory:

@@ -14,15 +14,10 @@ pytestmark = pytest.mark.skipif(not HAS_LLMCOMPRESSOR, reason="llmcompressor is 
 
 
 def run(model_dir, recipe: str, output_dir, samples: int = 16, seq_len: int = 128, overwrite: bool = False):
-    from gsq_vllm import quantize as q
+    from gsq_vllm.quantize import quantize
 
-    original = q.calibration_dataset
-    q.calibration_dataset = lambda tokenizer, text, n, length, spread=True: tiny_calibration(n, length)
-    try:
-        return q.quantize(model_dir, yaml.safe_load(recipe), output_dir, calibration_samples=samples,
-                          calibration_seq_len=seq_len, overwrite=overwrite)
-    finally:
-        q.calibration_dataset = original
+    return quantize(model_dir, yaml.safe_load(recipe), output_dir, calibration_samples=samples,
+                    calibration_seq_len=seq_len, overwrite=overwrite, dataset=tiny_calibration(samples, seq_len))
 
 
 @pytest.fixture(scope="module")

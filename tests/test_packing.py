@@ -11,10 +11,8 @@ from gsq_vllm.packing import (
     code_range,
     detect_layout,
     pack_codes,
-    pack_gptq_int4,
     packed_width,
     unpack_codes,
-    unpack_gptq_int4,
 )
 
 pytestmark = pytest.mark.packing
@@ -88,11 +86,3 @@ def test_out_of_range_codes_and_bad_bits():
         pack_codes(torch.zeros(1, 4, dtype=torch.int8), 9)
     with pytest.raises(PackingError, match="integer tensor"):
         pack_codes(torch.zeros(1, 4), 2)
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_gptq_int4_container_round_trip(bits):
-    codes = random_codes(24, 64, bits, 1)
-    qweight = pack_gptq_int4(codes)
-    assert qweight.shape == (8, 24) and qweight.dtype == torch.int32
-    assert torch.equal(unpack_gptq_int4(qweight), codes)

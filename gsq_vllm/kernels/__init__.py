@@ -50,7 +50,8 @@ import torch
 
 from gsq_vllm.kernels.common import interpreting
 from gsq_vllm.kernels.reference import dequantize, reference_matmul
-from gsq_vllm.packing import KERNEL_BITS, PackingError, pack_kernel_planes, unpack_kernel_planes
+from gsq_vllm.kernels.planes import KERNEL_BITS, pack_kernel_planes, unpack_kernel_planes
+from gsq_vllm.packing import PackingError
 
 __all__ = [
     "GROUP_SIZES",

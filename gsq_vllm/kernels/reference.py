@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from gsq_vllm.packing import code_range, unpack_kernel_planes
+from gsq_vllm.kernels.planes import unpack_kernel_planes
+from gsq_vllm.packing import code_range
 from gsq_vllm.weight_format import dequantize
 
 

@@ -13,7 +13,8 @@ import torch
 pytestmark = pytest.mark.serve
 vllm = pytest.importorskip("vllm")
 
-from gsq_vllm.packing import PackLayout, pack_codes, unpack_gptq_int4  # noqa: E402
+from gsq_vllm.packing import PackLayout, pack_codes  # noqa: E402
+from gsq_vllm.serving.int4_packing import unpack_gptq_int4  # noqa: E402
 from gsq_vllm.serving.claim import KERNEL_ENV  # noqa: E402
 
 from serving_support import (  # noqa: E402

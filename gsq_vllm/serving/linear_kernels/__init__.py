@@ -50,7 +50,7 @@ PLATFORM_KERNELS: dict[str, list[type[GSQLinearKernel]]] = {
     "other": [GSQDequantLinearKernel],
 }
 
-_announced: set[str] = set()
+_announced: set[tuple[str, int]] = set()
 
 
 def platform_key() -> str:
@@ -83,8 +83,8 @@ def choose_gsq_kernel(config: MPLinearLayerConfig, layer_name: str = "<layer>") 
     for kernel in candidates:
         ok, reason = kernel.can_implement(config)
         if ok:
-            if kernel.name not in _announced:
-                _announced.add(kernel.name)
+            if (kernel.name, bits) not in _announced:  # once per kernel and width
+                _announced.add((kernel.name, bits))
                 logger.info("GSQ: using kernel %s for %d-bit layers (first: %s)", kernel.name, bits, layer_name)
             logger.debug("GSQ: %s -> %s", layer_name, kernel.name)
             return kernel

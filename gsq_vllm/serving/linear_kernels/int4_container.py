@@ -2,7 +2,7 @@
 
 A GSQ code is a valid int4 code, so any GPTQ-style 4-bit kernel can serve a 2/3-bit layer: the
 codes are repacked once into the GPTQ layout (``qweight`` int32 ``[K / 8, N]`` uint4b8, scales
-``[N, K / group]``, :func:`gsq_vllm.packing.pack_gptq_int4`) as the parameters a stock vLLM
+``[N, K / group]``, :func:`gsq_vllm.serving.int4_packing.pack_gptq_int4`) as the parameters a stock vLLM
 kernel expects after loading a compressed-tensors checkpoint, and that kernel takes over: its
 own repack at load, its own GEMM at every forward. 4-bit memory and speed, no new kernel code.
 
@@ -19,7 +19,7 @@ from vllm.model_executor.kernels.linear import MPLinearKernel, MPLinearLayerConf
 from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 from vllm.scalar_type import scalar_types
 
-from gsq_vllm.packing import pack_gptq_int4
+from gsq_vllm.serving.int4_packing import pack_gptq_int4
 from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel
 
 

@@ -1,7 +1,7 @@
 """int4 container on the CPU with PyTorch's own int4 weight-only GEMM (``_weight_int4pack_mm_for_cpu``).
 
 Layout: checkpoint ``weight_packed`` -> int8 codes ``[N, K]`` (scheme) -> unsigned 4-bit values
-``code + 8`` (:func:`gsq_vllm.packing.widen_to_uint4`; a 2/3-bit code is a valid int4 code) ->
+``code + 8`` (:func:`gsq_vllm.serving.int4_packing.widen_to_uint4`; a 2/3-bit code is a valid int4 code) ->
 ``torch.ops.aten._convert_weight_to_int4pack_for_cpu`` -> uint8 ``[N, K / 2]`` (PyTorch's blocked
 layout), plus ``scales_and_zeros`` ``[K / group, N, 2]`` = (scale, 0) in the activation dtype, since
 PyTorch computes ``(q - 8) * scale + zero``.
@@ -16,7 +16,7 @@ import torch
 from vllm.model_executor.kernels.linear import MPLinearLayerConfig
 from vllm.platforms import current_platform
 
-from gsq_vllm.packing import widen_to_uint4
+from gsq_vllm.serving.int4_packing import widen_to_uint4
 from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel, register
 
 GROUP_SIZES = (32, 64, 128, 256)

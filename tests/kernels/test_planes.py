@@ -1,4 +1,4 @@
-"""The kernel layout in gsq_vllm.packing: exact round trip and the documented bit positions."""
+"""The kernel layout in gsq_vllm.kernels.planes: exact round trip and the documented bit positions."""
 
 from __future__ import annotations
 
@@ -7,14 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gsq_vllm.packing import (
-    PackingError,
-    code_range,
-    pack_codes,
-    pack_kernel_planes,
-    unpack_codes,
-    unpack_kernel_planes,
-)
+from gsq_vllm.kernels.planes import pack_kernel_planes, unpack_kernel_planes
+from gsq_vllm.packing import PackingError, code_range, pack_codes, unpack_codes
 
 
 def random_codes(n: int, k: int, bits: int, seed: int) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""The bit planes the GSQ Triton kernels read, built once at load time from checkpoint codes."""
+
+from __future__ import annotations
+
+import torch
+
+from gsq_vllm.packing import PackingError, code_range, to_int32
+from gsq_vllm.weight_format import SERVED_BITS
+
+#
+# Checkpoint codes are signed int8 ``[N=out, K=in]``. The kernels want every load to be an
+# aligned int32 word whose codes never straddle words, with N contiguous so a warp reads whole
+# cache lines. So each weight becomes one or two "planes" of unsigned codes
+# ``u = code + 2**(bits-1)``, packed along K, transposed to ``[K // codes_per_word, N]``:
+#
+# * 2-bit: one plane, 16 codes per word; code ``k`` sits at bits ``2 * (k % 16)`` of row ``k // 16``.
+# * 4-bit: one plane, 8 codes per word; code ``k`` sits at bits ``4 * (k % 8)`` of row ``k // 8``.
+# * 3-bit: the low plane holds ``u & 3`` exactly like 2-bit; the high plane holds ``u >> 2``,
+#   32 one-bit codes per word, row ``k // 32``, at bit ``16*(c // 16) + 2*(c % 8) + (c % 16) // 8``
+#   with ``c = k % 32``. That order puts the high bit of each code two places above its low bits
+#   after one shift of the word, so the kernels join both planes with two and/or operations
+#   (see gsq_vllm/kernels/gemv_splitk.py). 3 bits a code, no padding.
+#
+# K must be a multiple of 32 (3-bit), 16 (2-bit) or 8 (4-bit); every group size the kernels take
+# (32, 64, 128) makes it so.
+
+KERNEL_BITS = SERVED_BITS  # the Triton kernels take every width the plugin serves
+_KERNEL_ROW_CHUNK = 2048  # output rows repacked at once: bounds the int64 scratch memory
+
+
+def kernel_plane_codes_per_word(num_bits: int) -> tuple[int, ...]:
+    """Codes per int32 word of each kernel plane: (16,) 2-bit, (16, 32) 3-bit, (8,) 4-bit."""
+    if num_bits not in KERNEL_BITS:
+        raise PackingError(f"the GSQ kernels take {KERNEL_BITS}-bit codes, got {num_bits!r}")
+    return {2: (16,), 3: (16, 32), 4: (8,)}[num_bits]
+
+
+def pack_kernel_planes(
+    codes: torch.Tensor, num_bits: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Signed codes ``[N, K]`` -> ``(low_plane, high_plane)`` in the kernel layout above.
+
+    ``low_plane`` is int32 ``[K // 16, N]`` (``[K // 8, N]`` for 4-bit); ``high_plane`` is int32
+    ``[K // 32, N]`` for 3-bit and None otherwise.
+    """
+    per_word = kernel_plane_codes_per_word(num_bits)
+    if codes.ndim != 2 or codes.is_floating_point() or codes.is_complex():
+        raise PackingError(
+            f"codes must be a 2-D integer tensor [N, K], got {codes.dtype} {tuple(codes.shape)}"
+        )
+    rows, cols = codes.shape
+    if cols % max(per_word):
+        raise PackingError(
+            f"the {num_bits}-bit kernel layout needs K % {max(per_word)} == 0, got K = {cols}"
+        )
+    low, high = code_range(num_bits)
+    if codes.numel() and (int(codes.min()) < low or int(codes.max()) > high):
+        raise PackingError(
+            f"codes out of the {num_bits}-bit range [{low}, {high}]: "
+            f"found [{int(codes.min())}, {int(codes.max())}]"
+        )
+    low_plane = torch.empty(cols // per_word[0], rows, dtype=torch.int32, device=codes.device)
+    high_plane = (
+        torch.empty(cols // 32, rows, dtype=torch.int32, device=codes.device)
+        if num_bits == 3
+        else None
+    )
+    low_bits = 2 if num_bits in (2, 3) else 4
+    for start in range(0, rows, _KERNEL_ROW_CHUNK):
+        unsigned = codes[start : start + _KERNEL_ROW_CHUNK].to(torch.int64).t() - low  # [K, n]
+        low_plane[:, start : start + _KERNEL_ROW_CHUNK] = _pack_plane(
+            unsigned & ((1 << low_bits) - 1), _plane_shifts(low_bits, unsigned.device)
+        )
+        if high_plane is not None:
+            high_plane[:, start : start + _KERNEL_ROW_CHUNK] = _pack_plane(
+                unsigned >> 2, _plane_shifts(1, unsigned.device)
+            )
+    return low_plane, high_plane
+
+
+def unpack_kernel_planes(
+    low_plane: torch.Tensor, high_plane: torch.Tensor | None, num_bits: int
+) -> torch.Tensor:
+    """Exact inverse of :func:`pack_kernel_planes`: the planes -> signed int8 codes ``[N, K]``."""
+    per_word = kernel_plane_codes_per_word(num_bits)
+    if low_plane.dtype != torch.int32 or low_plane.ndim != 2:
+        raise PackingError(
+            f"low_plane must be 2-D int32, got {low_plane.dtype} {tuple(low_plane.shape)}"
+        )
+    if (high_plane is not None) != (num_bits == 3):
+        raise PackingError("a high plane comes with 3-bit weights and only with them")
+    cols = low_plane.shape[0] * per_word[0]
+    expected_high = (cols // 32, low_plane.shape[1])
+    if high_plane is not None and (
+        high_plane.dtype != torch.int32 or tuple(high_plane.shape) != expected_high
+    ):
+        raise PackingError(
+            f"high_plane must be int32 {expected_high}, got "
+            f"{high_plane.dtype} {tuple(high_plane.shape)}"
+        )
+    low_bits = 2 if num_bits in (2, 3) else 4
+    unsigned = _unpack_plane(low_plane, low_bits, _plane_shifts(low_bits, low_plane.device))
+    if high_plane is not None:
+        high = _unpack_plane(high_plane, 1, _plane_shifts(1, high_plane.device))
+        unsigned = unsigned | (high << 2)
+    return (unsigned + code_range(num_bits)[0]).t().contiguous().to(torch.int8)
+
+
+def _plane_shifts(plane_bits: int, device: torch.device) -> torch.Tensor:
+    """Bit offset of each code slot within its word (the 1-bit plane's order is permuted)."""
+    slot = torch.arange(32 // plane_bits, dtype=torch.int64, device=device)
+    if plane_bits == 1:
+        return 16 * (slot // 16) + 2 * (slot % 8) + (slot % 16) // 8
+    return slot * plane_bits
+
+
+def _pack_plane(unsigned: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Unsigned ``[K, n]`` codes -> int32 ``[K // slots, n]`` with slot ``i`` at ``shifts[i]``."""
+    cols, rows = unsigned.shape
+    slots = shifts.numel()
+    grouped = unsigned.reshape(cols // slots, slots, rows) << shifts.view(1, slots, 1)
+    return to_int32(grouped.sum(dim=1))
+
+
+def _unpack_plane(words: torch.Tensor, plane_bits: int, shifts: torch.Tensor) -> torch.Tensor:
+    """int32 ``[K // slots, n]`` -> unsigned int64 ``[K, n]``."""
+    slots = shifts.numel()
+    shifted = words.to(torch.int64).unsqueeze(1) >> shifts.view(1, slots, 1)
+    unsigned = shifted & ((1 << plane_bits) - 1)
+    return unsigned.reshape(-1, words.shape[1])
