@@ -148,3 +148,70 @@ def test_mixed_widths_in_one_decoder_layer(tiny_model_dir, tmp_path):
         low, high = -(1 << (expected - 1)), (1 << (expected - 1)) - 1
         assert codes[name].min() >= low and codes[name].max() <= high, name
     assert [row["name"] for row in result.report] == ["model.layers.0", "model.layers.1"]
+
+
+@pytest.mark.parametrize("targets_from", ["full_precision", "quantized"])
+def test_block_targets_come_from_the_full_precision_model(tiny_model_dir, tmp_path, monkeypatch, targets_from):
+    """Error-correcting targets: on a 2-layer model, the second decoder layer is trained towards what
+    the full-precision model computes there from full-precision inputs; with ``targets_from:
+    quantized`` towards the original weights applied to the already-quantized first layer's output."""
+    from transformers import AutoModelForCausalLM
+
+    import gsq_vllm.modifier as modifier_module
+
+    seen: dict[str, list[torch.Tensor]] = {}
+    real = modifier_module.optimize_block
+
+    def recording(forward, weights, targets, *args, name="block", **kwargs):
+        seen[name] = [t.clone() for t in targets]
+        return real(forward, weights, targets, *args, name=name, **kwargs)
+
+    monkeypatch.setattr(modifier_module, "optimize_block", recording)
+    extra = f"      targets_from: {targets_from}\n      cache_dtype: float32\n      holdout: 0.25\n"
+    run(tiny_model_dir, gsq_recipe(2, steps=2, extra=extra), tmp_path / "out", samples=8, seq_len=32)
+    assert sorted(seen) == ["model.layers.0", "model.layers.1"]
+
+    fp = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    ids = torch.tensor(tiny_calibration(8, 32)["input_ids"])
+    outputs: dict[int, torch.Tensor] = {}
+    hooks = [layer.register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+             for i, layer in enumerate(fp.model.layers)]
+    with torch.no_grad():
+        fp(ids, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+
+    def distance_to_fp(targets, layer):  # calibration order may be shuffled: match each target to its sequence
+        return max(min((t.reshape(32, -1) - h).abs().max().item() for h in outputs[layer]) for t in targets)
+
+    assert distance_to_fp(seen["model.layers.0"], 0) < 1e-4  # the first layer's inputs are exact either way
+    if targets_from == "full_precision":
+        assert distance_to_fp(seen["model.layers.1"], 1) < 1e-4
+    else:
+        assert distance_to_fp(seen["model.layers.1"], 1) > 1e-2  # the quantized first layer shows through
+
+
+def test_runs_without_any_gptq_modifier_state(tiny_model_dir, tmp_path, monkeypatch):
+    """GSQModifier is built on llmcompressor's public API: it is no GPTQModifier, never makes one,
+    and reads none of GPTQModifier's private attributes (its Hessians come from our own hooks)."""
+    import ast
+    import inspect
+
+    from llmcompressor.modifiers.gptq.base import GPTQModifier
+
+    import gsq_vllm.modifier as modifier_module
+    from gsq_vllm.modifier import GSQModifier
+
+    assert not issubclass(GSQModifier, GPTQModifier)
+    private = {name for name in vars(GPTQModifier).get("__private_attributes__", {}) if name.startswith("_")}
+    private |= {"_hessians", "_num_samples", "_module_names"}
+    used = {node.attr for node in ast.walk(ast.parse(inspect.getsource(modifier_module)))
+            if isinstance(node, ast.Attribute)}
+    assert not used & (private - {name for name in vars(GSQModifier).get("__private_attributes__", {})}), used & private
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("GSQModifier must not build a GPTQModifier")
+
+    monkeypatch.setattr(GPTQModifier, "__init__", refuse)
+    result = run(tiny_model_dir, gsq_recipe(2, steps=2), tmp_path / "out", samples=8, seq_len=32)
+    assert (result.output_dir / "model.safetensors").is_file()
