@@ -38,6 +38,12 @@ def _ratio(record: dict, key: str) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def autoround_peer(rows: list[dict], bits) -> str | None:
+    """The AutoRound row a width's GSQ is measured against: the lowest wiki CE among that width's AutoRound rows."""
+    candidates = [r for r in rows if r["method"] == "autoround" and r["bits"] == bits]
+    return min(candidates, key=lambda r: r["ce"])["name"] if candidates else None
+
+
 def accuracy_tables(payload: dict) -> dict[str, str]:
     rows = payload["results"]
     settings = payload["settings"]
@@ -52,24 +58,28 @@ def accuracy_tables(payload: dict) -> dict[str, str]:
             f"{settings['evaluation']['news']['windows']} x 2048 tokens of the Lee newswire corpus (never calibrated on). "
             "Gap = CE(method) - CE(full precision); a ratio below 1 means a smaller gap than that peer's. "
             "All Linear layers but lm_head quantized by every method, symmetric int, group 64.\n\n")
-    columns = ("| row | method | bits | wiki ppl | news ppl | EAR | gap / GPTQ-MSE (wiki, news) "
-               "| gap / AutoRound-200 (wiki, news) | quant s |")
+    peers = {bits: autoround_peer(rows, bits) for bits in sorted({r["bits"] for r in rows}, key=str)}
+    columns = ("| row | method | bits | wiki ppl | news ppl | EAR | gap / GPTQ (wiki, news) "
+               "| gap / GPTQ-MSE (wiki, news) | gap / AutoRound (wiki, news) | quant s |")
     lines = [columns, "|" + "---|" * (columns.count("|") - 1)]
     for r in rows:
         if r["ablation"]:
             continue
         bits = r["bits"]
-        gptq, autoround = f"gptq{bits}-mse", f"autoround{bits}"
+        ratios = [f"{_ratio(r, f'gap_over_{peer}')}, {_ratio(r, f'gap_news_over_{peer}')}"
+                  for peer in (f"gptq{bits}", f"gptq{bits}-mse", peers.get(bits))]
         lines.append("| " + " | ".join([
             f"**{r['name']}**" if r["method"] == "gsq" else r["name"], r["label"], str(bits), _num(r["ppl"]),
-            _num(r["ppl_news"]), f"{r['ear']:.3f}",
-            f"{_ratio(r, f'gap_over_{gptq}')}, {_ratio(r, f'gap_news_over_{gptq}')}",
-            f"{_ratio(r, f'gap_over_{autoround}')}, {_ratio(r, f'gap_news_over_{autoround}')}",
-            f"{r['quant_seconds']:.0f}"]) + " |")
+            _num(r["ppl_news"]), f"{r['ear']:.3f}", *ratios, f"{r['quant_seconds']:.0f}"]) + " |")
+    named = [f"{bits}-bit: {peer}" for bits, peer in peers.items() if peer]
+    if named:
+        lines.append("")
+        lines.append("AutoRound column: each width's gap over its strongest AutoRound row in the file ("
+                     + "; ".join(named) + ").")
     times = payload.get("time_ratios", {})
     if times:
         lines.append("")
-        lines.append("Quantization time ratios (same machine, one method at a time): " + ", ".join(
+        lines.append("Quantization time ratios (same machine, rows run one after another): " + ", ".join(
             f"{key.replace('/', ' / ')} = {value:.2f}" for key, value in sorted(times.items())) + ".")
     ablations = [r for r in rows if r["ablation"]]
     ablation_lines = ["| row | what changes (3-bit) | wiki ppl | news ppl | EAR | quant s |", "|---|---|---|---|---|---|"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +79,9 @@ class CheckpointInfo:
         return {layer.layout for layer in self.layers.values()}
 
 
+_PACKED_LINEAR = torch.nn.Linear(1, 1, device="meta")  # what every packed layer is, for class targets
+
+
 def _safetensors_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -88,16 +90,14 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def _group_for(name: str, groups: dict[str, tuple[list[str], WeightQuantization]]) -> WeightQuantization | None:
+    """The config group of a packed Linear, by compressed-tensors' own matcher and precedence
+    (exact name, then regex, then class name), as compressed-tensors applies a config."""
+    from compressed_tensors.utils.match import match_targets
+
     module = name.rsplit(".", 1)[0] if name.endswith(".weight_packed") else name
-    matches = []
-    for targets, quant in groups.values():
-        for target in targets:
-            if target.startswith("re:"):
-                if re.match(target[3:], module):
-                    return quant
-            elif target in ("Linear", module) or module.endswith("." + target):
-                matches.append(quant)
-    return matches[0] if matches else (next(iter(groups.values()))[1] if len(groups) == 1 else None)
+    by_target = {target: quant for targets, quant in groups.values() for target in targets}
+    matched = match_targets(module, _PACKED_LINEAR, list(by_target))
+    return by_target[matched[0]] if matched else None
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
