@@ -90,3 +90,73 @@ def test_offline_llm_on_old_layout_checkpoint(tmp_path):
     assert not problems, "\n".join(problems)
     if "gsq-w3" in _served:  # same engine settings, same kernel: identical to the dense-layout checkpoint
         assert offline == _served["gsq-w3"]
+
+
+def test_mixed_widths_serve_with_the_plugin_kernels(tmp_path):
+    """4-bit attention beside a 2-bit MLP (lm_head dense): every quantized layer on the plugin's
+    kernel, including the 4-bit ones (stock vLLM's CPU 4-bit kernel exists on AVX-512 only)."""
+    model = get_checkpoint("mixed-w2-w4")
+    widths = {name.rsplit(".", 1)[-1]: layer.quant.num_bits for name, layer in inspect_checkpoint(model).layers.items()}
+    assert widths == {"q_proj": 4, "k_proj": 4, "v_proj": 4, "o_proj": 4, "gate_proj": 2, "up_proj": 2, "down_proj": 2}
+    served, log = serve_greedy("mixed-w2-w4", tmp_path)
+    assert "GSQ: using kernel torch-int4 for 4-bit layers" in log and "GSQ: using kernel torch-int4 for 2-bit layers" in log
+    problems = compare_greedy(served, transformers_greedy(model, prompt_ids(model)))
+    assert not problems, "\n".join(problems)
+
+
+def test_a_checkpoint_written_by_gsq_serves(tmp_path):
+    """GSQModifier's own output (signed full-range scales, GSQ codes), not a round-to-nearest stand-in."""
+    model = get_checkpoint("gsq-made-w3")
+    assert "GSQModifier" in (model / "recipe.yaml").read_text()
+    served, _ = serve_greedy("gsq-made-w3", tmp_path)
+    problems = compare_greedy(served, transformers_greedy(model, prompt_ids(model)))
+    assert not problems, "\n".join(problems)
+
+
+def test_gsq_vllm_serve_answers_completions_and_chat(tmp_path):
+    import subprocess
+    import sys
+
+    help_run = subprocess.run([sys.executable, "-m", "gsq_vllm.cli", "serve", "--help"], capture_output=True,
+                              text=True, timeout=300)
+    assert help_run.returncode == 0 and "usage: vllm serve" in help_run.stdout  # vLLM's own help and options
+    model = get_checkpoint("gsq-w3")
+    with VLLMServer(model, tmp_path / "serve.log", startup_timeout=900) as server:  # bf16, as users run it
+        completion = server.complete("The capital of France is", 8, timeout=300)
+        chat = server.chat([{"role": "user", "content": "Say hello."}], 8, timeout=300)
+    assert completion["choices"][0]["text"] and completion["usage"]["completion_tokens"] == 8
+    assert chat["choices"][0]["message"]["role"] == "assistant" and chat["choices"][0]["message"]["content"]
+
+
+def test_a_failing_plugin_leaves_vllm_serving_plain_models(tmp_path):
+    """Registration made to fail in every vLLM process (sitecustomize): one warning, and a bf16
+    model still answers."""
+    from gsq_vllm.data import default_model_dir
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import gsq_vllm.serving as s\n"
+        "def _broken():\n"
+        "    raise ImportError('injected: an API that moved')\n"
+        "s._register_method = _broken\n"
+    )
+    import os
+
+    env = {"PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
+    with VLLMServer(default_model_dir(), tmp_path / "plain.log", env=env, startup_timeout=900) as server:
+        reply = server.complete("The capital of France is", 4, timeout=300)
+        log = server.log_tail(200_000)
+    assert reply["usage"]["completion_tokens"] == 4
+    assert "GSQ vLLM plugin not loaded (ImportError: injected: an API that moved)" in log
+    assert "Supported vLLM versions: >=0.32,<0.34" in log
+
+
+def test_an_autoround_checkpoint_serves_like_a_gsq_one(tmp_path):
+    """llmcompressor's AutoRoundModifier writes the same scheme; the plugin serves it on the CPU."""
+    model = get_checkpoint("autoround-w3")
+    assert "AutoRoundModifier" in (model / "recipe.yaml").read_text()
+    served, log = serve_greedy("autoround-w3", tmp_path)
+    assert "GSQ plugin serves this compressed-tensors checkpoint" in log
+    problems = compare_greedy(served, transformers_greedy(model, prompt_ids(model)))
+    assert not problems, "\n".join(problems)
