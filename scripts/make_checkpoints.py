@@ -13,7 +13,9 @@ Kinds (all group size 64, symmetric int, weight-only, ``lm_head`` kept in full p
 * ``gptq-w4``: ``GPTQModifier`` W4A16 group 64, the stock-vLLM baseline of the benchmark.
 * ``mixed-w2-w4``: round-to-nearest with two config groups, attention projections 4-bit and MLP
   2-bit (``lm_head`` dense): mixed widths in one checkpoint.
-* ``gsq-made-w3``: GSQModifier itself (a short budget: 5 steps per decoder layer, no end-to-end
+* ``autoround-w3``: llmcompressor's ``AutoRoundModifier`` (10 iterations per layer), the peer in
+  the accuracy benchmark, so a user can serve whichever quantizer wins.
+* ``gsq-made-w3``: GSQModifier itself (a short budget: 3 steps per decoder layer, no end-to-end
   stage), so the serving tests also run a checkpoint that GSQ wrote (signed scales included).
 
 Usage: ``python tests/serving/make_checkpoints.py KIND OUTPUT_DIR [--model DIR]``.
@@ -29,7 +31,7 @@ import shutil
 import sys
 from pathlib import Path
 
-KINDS = ("gsq-w2", "gsq-w3", "gsq-w3-old", "gptq-w4", "mixed-w2-w4", "gsq-made-w3")
+KINDS = ("gsq-w2", "gsq-w3", "gsq-w3-old", "gptq-w4", "mixed-w2-w4", "gsq-made-w3", "autoround-w3")
 GROUP_SIZE = 64
 
 
@@ -69,13 +71,19 @@ def quantize(kind: str, model_dir: Path, out: Path) -> None:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    if kind in ("gptq-w4", "gsq-made-w3"):
+    if kind in ("gptq-w4", "gsq-made-w3", "autoround-w3"):
         if kind == "gptq-w4":
             recipe = GPTQModifier(config_groups=_scheme(4), ignore=["lm_head"])
+        elif kind == "autoround-w3":
+            from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+            recipe = AutoRoundModifier(config_groups=_scheme(3), ignore=["lm_head"], iters=10, batch_size=8,
+                                       enable_torch_compile=False)
         else:
             from gsq_vllm.modifier import GSQModifier
 
-            recipe = GSQModifier(config_groups=_scheme(3), ignore=["lm_head"], steps=5, tokens_per_step=512)
+            recipe = GSQModifier(config_groups=_scheme(3), ignore=["lm_head"], steps=3, tokens_per_step=512,
+                                 fused=False)  # no torch.compile warm-up for a 3-step run
         dataset = _calibration_dataset(tokenizer)
         oneshot(
             model=model,
