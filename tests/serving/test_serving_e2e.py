@@ -104,15 +104,6 @@ def test_mixed_widths_serve_with_the_plugin_kernels(tmp_path):
     assert not problems, "\n".join(problems)
 
 
-def test_a_checkpoint_written_by_gsq_serves(tmp_path):
-    """GSQModifier's own output (signed full-range scales, GSQ codes), not a round-to-nearest stand-in."""
-    model = get_checkpoint("gsq-made-w3")
-    assert "GSQModifier" in (model / "recipe.yaml").read_text()
-    served, _ = serve_greedy("gsq-made-w3", tmp_path)
-    problems = compare_greedy(served, transformers_greedy(model, prompt_ids(model)))
-    assert not problems, "\n".join(problems)
-
-
 def test_gsq_vllm_serve_answers_completions_and_chat(tmp_path):
     import subprocess
     import sys
