@@ -82,11 +82,86 @@ class CheckpointInfo:
 _PACKED_LINEAR = torch.nn.Linear(1, 1, device="meta")  # what every packed layer is, for class targets
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def safetensors_files(path: Path) -> list[Path]:
+    """The folder's weight files, each checked whole (:func:`check_safetensors_file`)."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors file (only safetensors checkpoints are supported)")
+    for file in files:
+        check_safetensors_file(file)
     return files
+
+
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def check_safetensors_file(file: str | os.PathLike) -> dict:
+    """The JSON header of a safetensors file, after checking that the file is whole.
+
+    Reads only the header (the file size tells a truncated file: its tensors must end exactly at
+    the end of the file), so it costs nothing beside loading, and turns what safetensors would report
+    as a bare ``HeaderTooLarge`` or ``MetadataIncompleteBuffer`` into an error naming the file.
+    """
+    file = Path(file)
+    size = file.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{file}: empty file (0 bytes); the weights were not written or were truncated")
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{file}: not a safetensors file ({size} bytes, shorter than a header)")
+        header_bytes = int.from_bytes(prefix, "little")
+        if header_bytes > min(size - 8, _MAX_HEADER_BYTES):
+            raise CheckpointError(
+                f"{file}: not a safetensors file, or truncated (its first 8 bytes announce a {header_bytes}-byte "
+                f"header; the file has {size} bytes)"
+            )
+        raw = handle.read(header_bytes)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not a safetensors file (its header is not JSON: {err})") from err
+    ends = [int(entry["data_offsets"][1]) for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    data_bytes = size - 8 - header_bytes
+    needed = max(ends, default=0)
+    if needed != data_bytes:
+        what = "truncated" if needed > data_bytes else "has trailing bytes after its tensors"
+        raise CheckpointError(
+            f"{file}: {what}: its header describes {needed} bytes of tensor data, the file holds {data_bytes}"
+        )
+    return header
+
+
+#: files any one of which gives transformers (and vLLM) a tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def check_tokenizer(path: str | os.PathLike) -> Path:
+    """Refuse a model folder without a tokenizer, naming the files looked for."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{path}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer files of the "
+            "original model into this folder"
+        )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        file = path / name
+        if file.is_file():
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{file}: not valid JSON ({err})") from err
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The model folder's tokenizer (transformers ``AutoTokenizer``), after :func:`check_tokenizer`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(check_tokenizer(path)))
 
 
 def _group_for(name: str, groups: dict[str, tuple[list[str], WeightQuantization]]) -> WeightQuantization | None:
@@ -100,8 +175,8 @@ def _group_for(name: str, groups: dict[str, tuple[list[str], WeightQuantization]
     return by_target[matched[0]] if matched else None
 
 
-def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
-    """Read and check a model folder without loading its weights."""
+def read_config(path: str | os.PathLike) -> dict:
+    """A model folder's ``config.json``, refused with the file named if missing or not a JSON object."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model folder {path} does not exist" if not path.exists() else f"{path} is not a folder")
@@ -110,12 +185,22 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model folder?)")
     try:
         config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
+    except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_file}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Read and check a model folder without loading its weights."""
+    path = Path(path)
+    config = read_config(path)
+    config_file = path / "config.json"
     quant_config = config.get("quantization_config")
     info = CheckpointInfo(path=path, config=config, quant_config=quant_config, format=None)
     if quant_config is None:
-        _safetensors_files(path)
+        safetensors_files(path)
         return info
     if quant_config.get("quant_method") != "compressed-tensors":
         raise CheckpointError(
@@ -123,6 +208,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
             "(expected 'compressed-tensors')"
         )
     info.format = quant_config.get("format")
+    check_compression_format(config_file, info.format)
     groups: dict[str, tuple[list[str], WeightQuantization]] = {}
     for group_name, group in (quant_config.get("config_groups") or {}).items():
         weights = group.get("weights")
@@ -137,7 +223,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
 
     shapes: dict[str, list[int]] = {}
     weight_shapes: dict[str, tuple[int, int]] = {}
-    for file in _safetensors_files(path):
+    for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 shapes[key] = list(handle.get_slice(key).get_shape())
@@ -187,6 +273,18 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     return info
 
 
+def check_compression_format(config_file: Path, fmt: str | None) -> None:
+    """Refuse a compressed-tensors ``format`` the installed compressed-tensors does not know."""
+    from compressed_tensors import CompressionFormat
+
+    known = sorted(item.value for item in CompressionFormat)
+    if fmt is not None and fmt not in known:
+        raise CheckpointError(
+            f"{config_file}: quantization_config.format {fmt!r} is not a compressed-tensors format "
+            f"(expected one of {', '.join(known)})"
+        )
+
+
 def installed_compressed_tensors_layout() -> PackLayout:
     """The 3-bit layout that the installed compressed-tensors reads and writes."""
     import compressed_tensors
@@ -234,7 +332,7 @@ def _load_with_own_decompression(info: CheckpointInfo, dtype: torch.dtype) -> to
         delattr(config, "quantization_config")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state: dict[str, torch.Tensor] = {}
-    for file in _safetensors_files(info.path):
+    for file in safetensors_files(info.path):
         state.update(load_file(str(file)))
     for name, layer in info.layers.items():
         state[name + ".weight"] = dequantize_packed(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -54,11 +55,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     summary = recipe_summary(recipe)
     output = Path(args.output or Path("outputs") / f"{model.name}-{summary['method']}-w{summary['bits']}-g{summary['group_size']}")
+    args.output = str(output)  # named by the interrupt message
     result = quantize(
         model, recipe, output, calibration_text=args.calibration_text, calibration_samples=args.calibration_samples,
         calibration_seq_len=args.calibration_seq_len, calibration_spread=not args.calibration_from_start,
         overwrite=args.overwrite,
     )
+    args.written = result.output_dir
     record = {**summary, "output": str(result.output_dir), "quant_seconds": result.seconds,
               "peak_mem_mb": result.peak_mem_mb, "gsq_layers": result.report}
     if not args.no_eval:
@@ -132,11 +135,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[%(name)s] %(message)s")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:  # bad input: one clear line, no traceback
         print(f"gsq-vllm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        cause = interrupt.args[0] if interrupt.args else "SIGINT"
+        if getattr(args, "written", None):
+            outcome = f"the checkpoint {args.written} is complete; its evaluation did not finish"
+        elif getattr(args, "output", None):
+            outcome = f"nothing was written to {args.output} (its temporary folder was removed)"
+        else:
+            outcome = "nothing was written"
+        print(f"gsq-vllm {args.command}: interrupted by {cause}; {outcome}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame) -> None:
+    """SIGTERM handler: unwind as Ctrl-C does, so temporary outputs are removed on the way out."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

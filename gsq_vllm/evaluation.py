@@ -113,14 +113,15 @@ def evaluate_models(
     from_end: bool = True,
 ) -> dict:
     """Load a model folder or checkpoint (and a reference), evaluate it on a text: ``gsq-vllm eval``'s job."""
-    from transformers import AutoTokenizer
-
     from gsq_vllm import data
-    from gsq_vllm.checkpoint import load_causal_lm
+    from gsq_vllm.checkpoint import inspect_checkpoint, load_causal_lm, load_tokenizer
 
+    for folder in (model_dir, reference_dir):  # every bad file is refused before anything heavy loads
+        if folder:
+            inspect_checkpoint(folder)
+    tokenizer = load_tokenizer(reference_dir or model_dir)
     model = load_causal_lm(model_dir)
     reference = load_causal_lm(reference_dir) if reference_dir else None
-    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir or model_dir))
     batch = data.text_windows(text, tokenizer, windows, seq_len, from_end=from_end)
     torch.manual_seed(0)
     result = evaluate(model, batch, reference, description=f"eval {Path(model_dir).name}")

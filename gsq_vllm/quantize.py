@@ -45,27 +45,32 @@ def quantize(
     calibration_spread: bool = True,
     overwrite: bool = False,
     dataset=None,
+    seed: int = 0,
 ) -> QuantizeResult:
     """Run a recipe through llmcompressor's ``oneshot`` and save a compressed checkpoint.
 
     Calibration is ``calibration_samples`` windows of ``calibration_seq_len`` tokens of
     ``calibration_text``, or ``dataset`` (a ready ``datasets.Dataset`` of ``input_ids``) if given.
+    ``seed`` seeds torch's global generator, which llmcompressor shuffles the calibration samples
+    with (GSQ's own noise has its recipe seed): the same inputs, recipe and seed on the same machine
+    and thread count give a bit-identical checkpoint.
     """
     import gsq_vllm.modifier  # noqa: F401  (registers GSQModifier and GSQEndToEndModifier with llmcompressor)
     from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from gsq_vllm.checkpoint import inspect_checkpoint
+    from gsq_vllm.checkpoint import inspect_checkpoint, load_tokenizer
 
     inspect_checkpoint(model_dir)  # clear errors for a missing or broken folder
+    tokenizer = load_tokenizer(model_dir)
     output_dir = Path(output_dir)
     tmp_dir = prepare_output(output_dir, overwrite)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         if dataset is None:
             dataset = data.calibration_dataset(tokenizer, calibration_text, calibration_samples, calibration_seq_len,
                                                calibration_spread)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        torch.manual_seed(seed)
         start = time.time()
         with PeakMemory() as memory:
             oneshot(

@@ -7,6 +7,7 @@ symmetric weight-only ``pack-quantized`` layer is replaced by :class:`Compressed
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -74,6 +75,16 @@ class GSQQuantizationConfig(CompressedTensorsConfig):
         # only breaks ties where both 3-bit layouts give the same width (tiny inputs)
         self.gsq_layout_hint = layout_for_compressed_tensors_version(config.get("version"))
         return self
+
+    def maybe_update_config(self, model_name: str, *args, **kwargs) -> None:
+        """vLLM's hook after the config is built, before any weight loads: a local checkpoint is
+        checked whole here (:func:`gsq_vllm.checkpoint.inspect_checkpoint`), so a truncated weight file
+        or a layer we cannot serve stops start-up with one message naming the file and the layer."""
+        super().maybe_update_config(model_name, *args, **kwargs)
+        if os.path.isdir(model_name):
+            from gsq_vllm.checkpoint import inspect_checkpoint
+
+            inspect_checkpoint(model_name)
 
     def _get_scheme_from_parts(
         self,
