@@ -35,6 +35,8 @@ from types import SimpleNamespace
 
 import torch
 
+from gsq_vllm.machine import cpu_description
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "cache"
@@ -396,24 +398,6 @@ def write_results(records: list[dict], settings: dict) -> None:
     (RESULTS / "accuracy_smollm2.md").write_text(table + "\n")
     print(table)
     print("time ratios:", json.dumps(times, indent=1))
-
-
-def cpu_description() -> dict:
-    """Model name and the vector/matrix flags that change speed (recorded with every benchmark)."""
-    info = {"model": "unknown", "flags": []}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        if line.startswith("model name") and info["model"] == "unknown":
-            info["model"] = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            info["flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
-            break
-    info["cores"] = len([line for line in text.splitlines() if line.startswith("processor")])
-    return info
 
 
 def _passthrough() -> list[str]:

@@ -5,6 +5,7 @@ rendered from one results file:
 
 * ``accuracy-table``, ``ablation-table``: benchmarks/results/accuracy_smollm2.json
 * ``serve-table``: benchmarks/results/serve_cpu.json
+* ``serve-load-table``: benchmarks/results/serve_load_cpu.json
 
     python benchmarks/readme_tables.py            # rewrite README.md
     python benchmarks/readme_tables.py --check    # exit 1 if README.md is not what the files say
@@ -103,6 +104,23 @@ def serve_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def serve_load_table(payload: dict) -> str:
+    cpu = payload.get("cpu", {})
+    flags = ", ".join(f for f in cpu.get("flags", []) if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    head = ("| model | kernel | requests at once | failed valid | lost | invalid refused (4xx) | healthy after "
+            "| p50 s | p99 s | answer tok/s | greedy under load = alone |")
+    lines = [f"One run of `.venv-serve/bin/python benchmarks/serve_load.py` on {cpu.get('model', '?')} "
+             f"({cpu.get('cores', '?')} cores; {flags}){'; ' + payload['note'] if payload.get('note') else ''}.",
+             "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in payload["results"]:
+        ties = [d["margin"] for d in r.get("greedy_differences", []) if d.get("margin") is not None]
+        why = f" (the rest at near-ties: top-2 margin <= {max(ties):.3f} nats)" if ties else ""
+        lines.append(f"| {r['name']} ({r['model']}) | {r['kernel']} | {r['concurrency']} | {r['failed_valid']} "
+                     f"| {r['lost']} | {r['invalid_rejected_4xx']}/{r['invalid']} | {'yes' if r['healthy_after'] else 'NO'} "
+                     f"| {r['p50_s']} | {r['p99_s']} | {r['tok_s']} | {r['greedy_equal']}/{r['greedy_compared']}{why} |")
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     tables = {}
     accuracy = RESULTS / "accuracy_smollm2.json"
@@ -111,6 +129,9 @@ def render() -> dict[str, str]:
     serving = RESULTS / "serve_cpu.json"
     if serving.exists():
         tables["serve-table"] = serve_table(json.loads(serving.read_text()))
+    load = RESULTS / "serve_load_cpu.json"
+    if load.exists():
+        tables["serve-load-table"] = serve_load_table(json.loads(load.read_text()))
     return tables
 
 

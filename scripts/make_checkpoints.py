@@ -16,7 +16,8 @@ Kinds (all group size 64, symmetric int, weight-only, ``lm_head`` kept in full p
 * ``autoround-w3``: llmcompressor's ``AutoRoundModifier`` (10 iterations per layer), the peer in
   the accuracy benchmark, so a user can serve whichever quantizer wins.
 * ``gsq-made-w3``: GSQModifier itself (a short budget: 3 steps per decoder layer, no end-to-end
-  stage), so the serving tests also run a checkpoint that GSQ wrote (signed scales included).
+  stage), so the serving tests also run a checkpoint that GSQ wrote (signed scales included);
+  ``gsq-made-w3-old`` is it in the word-aligned layout.
 
 Usage: ``python tests/serving/make_checkpoints.py KIND OUTPUT_DIR [--model DIR]``.
 Each checkpoint is written to a temporary folder and renamed into place, so a cached folder is
@@ -31,7 +32,7 @@ import shutil
 import sys
 from pathlib import Path
 
-KINDS = ("gsq-w2", "gsq-w3", "gsq-w3-old", "gptq-w4", "mixed-w2-w4", "gsq-made-w3", "autoround-w3")
+KINDS = ("gsq-w2", "gsq-w3", "gsq-w3-old", "gptq-w4", "mixed-w2-w4", "gsq-made-w3", "gsq-made-w3-old", "autoround-w3")
 GROUP_SIZE = 64
 
 
@@ -131,8 +132,9 @@ def make(kind: str, out: Path, model_dir: Path) -> Path:
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if kind == "gsq-w3-old":
-        source = make("gsq-w3", out.with_name("gsq-w3"), model_dir)
+    if kind.endswith("-old"):  # the same checkpoint in compressed-tensors 0.17's 3-bit layout
+        base = kind[: -len("-old")]
+        source = make(base, out.with_name(base), model_dir)
         rewrite_word_aligned(source, tmp)
     else:
         quantize(kind, model_dir, tmp)

@@ -41,3 +41,25 @@ def unpack_gptq_int4(qweight: torch.Tensor) -> torch.Tensor:
     unsigned = (words.unsqueeze(1) >> shifts) & 0xF  # [in//8, 8, out]
     return (unsigned.reshape(-1, qweight.shape[1]) - 8).t().contiguous().to(torch.int8)
 
+
+
+#: PyTorch's CPU int4 pack (``aten._convert_weight_to_int4pack_for_cpu``) groups output rows by 64
+TORCH_CPU_ROW_BLOCK = 64
+
+
+def unpack_torch_cpu_int4(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Unsigned 4-bit values ``[out, in]`` (uint8) back from PyTorch's CPU int4 pack.
+
+    The pack is ``[out / 64, in, 32]`` bytes: byte ``[b, k, j]`` holds row ``64 b + j`` in its low
+    nibble and row ``64 b + 32 + j`` in its high one (read off the op's output; the kernel that uses
+    this checks it against the codes at load time, so another PyTorch's layout is caught, not used).
+    Lets a layer dequantise its weight on the fly for large batches without a second copy.
+    """
+    if out_features % TORCH_CPU_ROW_BLOCK or packed.numel() * 2 != out_features * in_features:
+        raise PackingError(
+            f"PyTorch CPU int4 pack of {out_features} x {in_features}: needs out_features % {TORCH_CPU_ROW_BLOCK} == 0 "
+            f"and {out_features * in_features // 2} bytes, found {packed.numel()}"
+        )
+    blocks = packed.reshape(out_features // TORCH_CPU_ROW_BLOCK, in_features, TORCH_CPU_ROW_BLOCK // 2)
+    halves = torch.stack([blocks & 0xF, blocks >> 4], dim=1)  # [blocks, 2, in, 32]
+    return halves.permute(0, 1, 3, 2).reshape(out_features, in_features)

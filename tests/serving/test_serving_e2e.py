@@ -58,6 +58,26 @@ def test_vllm_serve_matches_transformers(kind, bits, tmp_path):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("kind,layout", [("gsq-made-w3", PackLayout.DENSE), ("gsq-made-w3-old", PackLayout.WORD_ALIGNED)])
+def test_a_checkpoint_that_gsq_wrote_serves_in_both_layouts(kind, layout, tmp_path):
+    """GSQModifier's own output (a short budget; negative scales included), served as written and
+    rewritten into the other 3-bit layout: vLLM's tokens equal transformers' on the checkpoint."""
+    from safetensors import safe_open
+
+    model = get_checkpoint(kind, timeout=3600)
+    assert "GSQModifier" in (model / "recipe.yaml").read_text()
+    assert inspect_checkpoint(model).layouts == {layout}
+    with safe_open(str(model / "model.safetensors"), framework="pt") as handle:
+        negative = sum(int((handle.get_tensor(k) < 0).sum()) for k in handle.keys() if k.endswith(".weight_scale"))
+    assert negative > 0  # GSQ's full-range signed scales reach the kernels
+    served, log = serve_greedy(kind, tmp_path)
+    assert "GSQ plugin serves this compressed-tensors checkpoint" in log
+    problems = compare_greedy(served, transformers_greedy(model, prompt_ids(model)))
+    assert not problems, "\n".join(problems)
+    if "gsq-made-w3" in _served and kind != "gsq-made-w3":
+        assert served == _served["gsq-made-w3"]  # the layout changes the bytes, not the model
+
+
 def test_offline_llm_on_old_layout_checkpoint(tmp_path):
     """vllm.LLM (spawned workers, so a __main__-guarded script) on the word-aligned 3-bit checkpoint:
     the same tokens as the dense-layout checkpoint served over HTTP, and as transformers."""

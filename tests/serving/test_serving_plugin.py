@@ -193,6 +193,35 @@ def test_cpu_kernels_match_reference(vllm_tp1, name, bits, act):
     assert_close(kernel.apply_weights(biased, x, biased.bias), reference(x, codes, scales) + bias.float(), f"{name} bias")
 
 
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("bits", [2, 3])
+def test_torch_int4_switches_to_a_dequantised_dense_gemm_at_its_threshold(vllm_tp1, bits, act):
+    """Below DENSE_FROM_ROWS rows PyTorch's int4 op, from there on the weight rebuilt from the same
+    pack (no other copy kept) and a dense GEMM; both equal the reference."""
+    from gsq_vllm.serving.linear_kernels.torch_int4_cpu import DENSE_FROM_ROWS, GSQTorchInt4CPULinearKernel
+
+    k, n = 256, 128
+    codes, scales = random_codes(n, k, bits), random_scales(n, k // GROUP).to(act)
+    layer = torch.nn.Module()
+    layer.bias = None
+    layer.gsq_codes, layer.gsq_scales = codes, scales
+    kernel = GSQTorchInt4CPULinearKernel(layer_config(k, n, bits, act=act), layer_name="test")
+    kernel.process_weights_after_loading(layer)
+    assert {name for name, _ in layer.named_parameters()} == {"gsq_int4_weight", "gsq_scales_zeros"}
+    exact = codes.float() * scales.float().repeat_interleave(GROUP, 1)  # then rounded once to the activation dtype
+    assert torch.equal(kernel.dequantized_weight(layer), exact.to(act))
+    threshold = DENSE_FROM_ROWS[act]
+    for rows, dense in ((threshold - 1, False), (threshold, True)):
+        assert kernel.uses_dense(rows) is dense
+        x = torch.randn(rows, k).to(act)
+        assert_close(kernel.apply_weights(layer, x), reference(x, codes, scales), f"{rows} rows")
+    odd = torch.nn.Module()  # 48 outputs: not whole 64-row blocks of the pack, so int4 op always
+    odd.gsq_codes, odd.gsq_scales = random_codes(48, k, bits), random_scales(48, k // GROUP).to(act)
+    odd_kernel = GSQTorchInt4CPULinearKernel(layer_config(k, 48, bits, act=act), layer_name="odd")
+    odd_kernel.process_weights_after_loading(odd)
+    assert not odd_kernel.uses_dense(4096)
+
+
 def test_cpu_wna16_states_why_it_cannot_run(vllm_tp1):
     """AVX-512 builds have the op but only for 16-bit activations; AVX2 builds lack it."""
     from gsq_vllm.serving.linear_kernels.cpu_wna16 import GSQCPUWNA16LinearKernel, cpu_wna16_op_available
