@@ -91,26 +91,34 @@ def accuracy_tables(payload: dict) -> dict[str, str]:
             "ablation-table": "\n".join(ablation_lines) if ablations else "(no ablation rows in the results file)"}
 
 
+def _cpu_line(payload: dict) -> str:
+    cpu = payload.get("cpu")
+    if not cpu:
+        return "CPU not recorded"
+    flags = ", ".join(f for f in cpu.get("flags", []) if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    return f"{cpu.get('model', '?')}, {cpu.get('cores', '?')} cores; {flags}"
+
+
 def serve_table(payload: dict) -> str:
     head = "| model | kernel | decode tok/s, batch 1 | decode tok/s, batch 8 | prefill tok/s | weights | start-up |"
     lines = [f"One run of `.venv-serve/bin/python benchmarks/serve_throughput.py` ({payload.get('machine', '')}; "
-             f"{payload.get('note', '')}).", "", head, "|" + "---|" * (head.count("|") - 1)]
+             f"{_cpu_line(payload)}; {payload.get('note', '')}). **bold**: what the plugin picks without any flag.",
+             "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in payload["results"]:
+        kernel = f"**{r['kernel']}**" if r.get("default") and r["model"].startswith("gsq") else r["kernel"]
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['kernel']} | fails: {r['error'].split(' (log')[0]} | | | | |")
+            lines.append(f"| {r['model']} | {kernel} | fails: {r['error'].split(' (log')[0]} | | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['kernel']} | {r['decode_tok_s_bs1']:.2f} | {r['decode_tok_s_bs8']:.2f} "
+        lines.append(f"| {r['model']} | {kernel} | {r['decode_tok_s_bs1']:.2f} | {r['decode_tok_s_bs8']:.2f} "
                      f"| {r['prefill_tok_s']:.1f} | {r['weight_bytes'] / 2**20:.1f} MiB | {r['startup_s']:.1f} s |")
     return "\n".join(lines)
 
 
 def serve_load_table(payload: dict) -> str:
-    cpu = payload.get("cpu", {})
-    flags = ", ".join(f for f in cpu.get("flags", []) if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
     head = ("| model | kernel | requests at once | failed valid | lost | invalid refused (4xx) | healthy after "
             "| p50 s | p99 s | answer tok/s | greedy under load = alone |")
-    lines = [f"One run of `.venv-serve/bin/python benchmarks/serve_load.py` on {cpu.get('model', '?')} "
-             f"({cpu.get('cores', '?')} cores; {flags}){'; ' + payload['note'] if payload.get('note') else ''}.",
+    lines = [f"One run of `.venv-serve/bin/python benchmarks/serve_load.py` ({_cpu_line(payload)})"
+             f"{'; ' + payload['note'] if payload.get('note') else ''}.",
              "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in payload["results"]:
         ties = [d["margin"] for d in r.get("greedy_differences", []) if d.get("margin") is not None]

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from gsq_vllm.machine import cpu_description
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 MAKE_CHECKPOINTS = REPO / "scripts" / "make_checkpoints.py"
@@ -40,7 +42,7 @@ QUANTIZE_PYTHON = REPO / ".venv" / "bin" / "python"
 NEW_TOKENS = 128
 PREFILL_PROMPTS, PREFILL_LEN = 2, 256
 CHILD_TIMEOUT_S = 900
-REPEATS = 2
+REPEATS = 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,28 +90,34 @@ def run_child(spec: dict) -> dict:
     startup = time.perf_counter() - start
     tokenizer = llm.get_tokenizer()
 
-    def timed(prompts: list[list[int]], max_tokens: int) -> float:
+    def timed(prompts: list[list[int]], max_tokens: int) -> list[float]:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        best = float("inf")
+        times = []
         for _ in range(REPEATS):
             begin = time.perf_counter()
             outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-            best = min(best, time.perf_counter() - begin)
+            times.append(time.perf_counter() - begin)
             assert all(len(o.outputs[0].token_ids) == max_tokens for o in outputs)
-        return best
+        return times
+
+    def spread(times: list[float]) -> float:
+        """(slowest - fastest) / fastest over the repeats: how much the machine disturbed them."""
+        return round((max(times) - min(times)) / min(times), 3)
 
     short = _text_ids(tokenizer, 8, 16)
     timed(short[:1], 8)  # warm-up
-    decode = {}
+    decode, decode_spread = {}, {}
     for batch in (1, 8):
         one, full = timed(short[:batch], 1), timed(short[:batch], NEW_TOKENS)
-        decode[batch] = batch * (NEW_TOKENS - 1) / (full - one)
+        decode[batch] = batch * (NEW_TOKENS - 1) / (min(full) - min(one))
+        decode_spread[batch] = spread(full)
     long = _text_ids(tokenizer, PREFILL_PROMPTS, PREFILL_LEN)
-    prefill = PREFILL_PROMPTS * PREFILL_LEN / timed(long, 1)
+    prefill_times = timed(long, 1)
     return {
         "decode_tok_s_bs1": round(decode[1], 2),
         "decode_tok_s_bs8": round(decode[8], 2),
-        "prefill_tok_s": round(prefill, 1),
+        "prefill_tok_s": round(PREFILL_PROMPTS * PREFILL_LEN / min(prefill_times), 1),
+        "spread": {"decode_bs1": decode_spread[1], "decode_bs8": decode_spread[8], "prefill": spread(prefill_times)},
         "weight_bytes": int(llm.collective_rpc(_weight_bytes)[0]),
         "startup_s": round(startup, 1),
     }
@@ -163,12 +171,13 @@ def configurations(probe: dict) -> list[dict]:
     """(model, kernel, env) triples for this platform."""
     usable = [name for name in probe["order"] if probe["kernels"][name]["ok"]]
     configs = [
-        {"model": "bf16", "kernel": "stock (dense bf16)", "env": {}},
-        {"model": "gptq-w4", "kernel": "stock (vLLM W4A16)", "env": {}},
+        {"model": "bf16", "kernel": "stock (dense bf16)", "env": {}, "default": True},
+        {"model": "gptq-w4", "kernel": "stock (vLLM W4A16)", "env": {}, "default": True},
     ]
     for model in ("gsq-w3", "gsq-w2"):
-        for name in usable:
-            configs.append({"model": model, "kernel": name, "env": {"GSQ_VLLM_KERNEL": name}})
+        for name in usable:  # the first usable kernel is the one the plugin picks without any flag
+            configs.append({"model": model, "kernel": name, "default": name == usable[0],
+                            "env": {} if name == usable[0] else {"GSQ_VLLM_KERNEL": name}})
         if probe["platform"] == "cuda":
             configs.append({"model": model, "kernel": "stock (Humming, plugin off)", "env": {"GSQ_VLLM_DISABLE": "1"}})
     return configs
@@ -185,7 +194,7 @@ def run_config(config: dict, log_dir: Path) -> dict:
         "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # lets collective_rpc ship _weight_bytes to the worker
         **config["env"],
     }
-    record = {"model": config["model"], "kernel": config["kernel"]}
+    record = {"model": config["model"], "kernel": config["kernel"], "default": config.get("default", False)}
     try:
         with open(log, "w") as handle:  # vLLM logs to stdout, tracebacks to stderr: both kept
             result = subprocess.run(
@@ -249,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = configurations(probe)
     if args.only:
         keep = lambda c: any(  # noqa: E731
-            f == c["model"] or f == f"{c['model']}:{c['env'].get('GSQ_VLLM_KERNEL', '')}" for f in args.only
+            f == c["model"] or f == f"{c['model']}:{c['kernel']}" for f in args.only
         )
         configs = [c for c in configs if keep(c)]
     from gsq_vllm.data import cache_dir
@@ -267,13 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "device": probe["device"],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu": cpu_description(),
         "settings": {
             "dtype": "bfloat16",
             "max_model_len": 2048,
             "enforce_eager": probe["device"] == "cpu",
             "new_tokens": NEW_TOKENS,
             "prefill": f"{PREFILL_PROMPTS} x {PREFILL_LEN} tokens",
-        "timing": f"best of {REPEATS} runs",
+            "timing": f"best of {REPEATS} runs (spread: (slowest - fastest) / fastest)",
             "prefix_caching": False,
         },
         "kernels": probe["kernels"],
