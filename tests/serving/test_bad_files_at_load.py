@@ -33,6 +33,7 @@ def test_gsq_vllm_serve_refuses_a_bad_folder_in_one_line(kind, tiny_model_dir, t
     assert str(file) in ours[0] and message in ours[0], ours[0]
 
 
+@pytest.mark.slow  # needs the real model's checkpoint
 def test_a_damaged_gsq_checkpoint_stops_plain_vllm_before_loading(tmp_path):
     """``vllm.LLM`` (no gsq-vllm command in front): the plugin's ``maybe_update_config`` hook checks
     the checkpoint it claimed, so a truncated weight file is named before any weight is read."""
