@@ -116,7 +116,7 @@ def serve_table(payload: dict) -> str:
 
 def serve_load_table(payload: dict) -> str:
     head = ("| model | kernel | requests at once | failed valid | lost | invalid refused (4xx) | healthy after "
-            "| p50 s | p99 s | answer tok/s | greedy under load = alone |")
+            "| p50 s | p99 s | requests/s | answer tok/s | greedy under load = alone |")
     lines = [f"One run of `.venv-serve/bin/python benchmarks/serve_load.py` ({_cpu_line(payload)})"
              f"{'; ' + payload['note'] if payload.get('note') else ''}.",
              "", head, "|" + "---|" * (head.count("|") - 1)]
@@ -125,7 +125,7 @@ def serve_load_table(payload: dict) -> str:
         why = f" (the rest at near-ties: top-2 margin <= {max(ties):.3f} nats)" if ties else ""
         lines.append(f"| {r['name']} ({r['model']}) | {r['kernel']} | {r['concurrency']} | {r['failed_valid']} "
                      f"| {r['lost']} | {r['invalid_rejected_4xx']}/{r['invalid']} | {'yes' if r['healthy_after'] else 'NO'} "
-                     f"| {r['p50_s']} | {r['p99_s']} | {r['tok_s']} | {r['greedy_equal']}/{r['greedy_compared']}{why} |")
+                     f"| {r['p50_s']} | {r['p99_s']} | {r['requests_s']} | {r['tok_s']} | {r['greedy_equal']}/{r['greedy_compared']}{why} |")
     return "\n".join(lines)
 
 
