@@ -2,14 +2,15 @@
 
 Run it with the serving environment's Python::
 
-    .venv-serve/bin/python benchmarks/serve_load.py                  # concurrency 64, both models
-    .venv-serve/bin/python benchmarks/serve_load.py --concurrency 128 --only gsq
+    .venv-serve/bin/python benchmarks/serve_load.py                  # bursts of 64 and 128, both models
+    .venv-serve/bin/python benchmarks/serve_load.py --concurrency 256 --only gsq
 
 Each model gets a fresh ``vllm serve`` on loopback (bf16, max-model-len 2048, the README's CPU
-settings) and one burst from :mod:`gsq_vllm.serving.load`: all requests at once (completions and
-chat, streaming and not, 6 to 700-word prompts, 8 to 64 greedy tokens with EOS ignored), clients
-that disconnect after two chunks, and nine requests that must be refused (prompts over the
-context, bad parameters, an unknown model, a body that is not JSON). Recorded per model:
+settings) and one burst per concurrency (64 and 128 by default) from :mod:`gsq_vllm.serving.load`:
+all requests at once (completions and chat, streaming and not, 6 to 700-word prompts, 8 to 64
+greedy tokens with EOS ignored), clients that disconnect after two chunks, and nine requests that
+must be refused (prompts over the context, bad parameters, an unknown model, a body that is not
+JSON). Recorded per model and burst:
 ``failed_valid``, ``lost``, ``invalid_rejected_4xx``, ``healthy_after`` (health and a drained
 queue afterwards), ``p50_s`` / ``p99_s`` latency of valid requests, ``tok_s`` (answer tokens over
 the burst's wall time) and whether greedy answers under load equal the same requests sent alone.
@@ -57,19 +58,20 @@ def evaluation_words() -> list[str]:
     return resolve_text("wiki").read_text(encoding="utf-8").split()
 
 
-def load_test(model: Path, log_file: Path, concurrency: int, seed: int = 0) -> dict:
-    """One server, one burst, the greedy comparison; the summary record."""
+def load_test(model: Path, log_file: Path, concurrencies: list[int], seed: int = 0) -> list[dict]:
+    """One server, one burst per concurrency (each followed by its greedy comparison); a record each."""
+    records = []
     with VLLMServer(model, log_file, startup_timeout=900) as server:
         server.complete("Warm up", 4, timeout=300)
-        requests = build_requests(server.model, evaluation_words(), concurrency, MAX_MODEL_LEN, seed)
-        burst = run_burst(server.url, requests)
-        comparisons = greedy_alone(server.url, server.model, burst["outcomes"])
+        for concurrency in concurrencies:
+            requests = build_requests(server.model, evaluation_words(), concurrency, MAX_MODEL_LEN, seed)
+            burst = run_burst(server.url, requests)
+            records.append(summarize(burst, greedy_alone(server.url, server.model, burst["outcomes"])))
         log = server.log_tail(2_000_000)
         startup_s = server.startup_s
-    record = summarize(burst, comparisons)
     kernels = sorted({line.split("GSQ: using kernel ", 1)[1].split(" for")[0] for line in log.splitlines()
                       if "GSQ: using kernel " in line})
-    return {"startup_s": round(startup_s, 1), "kernel": ", ".join(kernels) or "stock dense", **record}
+    return [{"startup_s": round(startup_s, 1), "kernel": ", ".join(kernels) or "stock dense", **r} for r in records]
 
 
 def format_table(records: list[dict]) -> str:
@@ -85,7 +87,8 @@ def format_table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, default=64, help="requests in the burst, all at once (>= 32)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 128],
+                        help="requests per burst, all at once (>= 32); one burst each, on the same server")
     parser.add_argument("--gsq-checkpoint", default="gsq-made-w3", help="make_checkpoints kind served by the plugin")
     parser.add_argument("--only", nargs="*", choices=["gsq", "bf16"], default=["gsq", "bf16"])
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -102,15 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         kind = args.gsq_checkpoint if name == "gsq" else "bf16"
         model = model_folder(kind)
         print(f"== {name}: {model}", flush=True)
-        record = {"name": name, "model": str(model.relative_to(cache_dir()) if model.is_relative_to(cache_dir()) else model),
-                  **load_test(model, log_dir / f"{name}.log", args.concurrency)}
-        print("   " + json.dumps({k: v for k, v in record.items() if k not in ("rejections",)}), flush=True)
-        records.append(record)
+        shown = str(model.relative_to(cache_dir()) if model.is_relative_to(cache_dir()) else model)
+        for result in load_test(model, log_dir / f"{name}.log", args.concurrency):
+            record = {"name": name, "model": shown, **result}
+            print("   " + json.dumps({k: v for k, v in record.items() if k not in ("rejections",)}), flush=True)
+            records.append(record)
     device = "cuda" if _cuda() else "cpu"
     payload = {
         "device": device,
         "cpu": cpu_description(),
-        "settings": {"server_args": CPU_SERVE_ARGS, "max_model_len": MAX_MODEL_LEN, "concurrency": args.concurrency,
+        "settings": {"server_args": CPU_SERVE_ARGS, "max_model_len": MAX_MODEL_LEN, "concurrencies": args.concurrency,
                      "greedy": True, "ignore_eos": True},
         "note": args.note,
         "wall_s": round(time.perf_counter() - began, 1),
