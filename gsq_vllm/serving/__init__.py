@@ -35,9 +35,9 @@ SUPPORTED_VLLM = (">=0.32", "<0.34")
 
 def is_registered() -> bool:
     """Whether vLLM knows the ``gsq`` quantization method in this process."""
-    from vllm.model_executor.layers import quantization
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
-    return METHOD_NAME in quantization._CUSTOMIZED_METHOD_TO_QUANT_CONFIG
+    return METHOD_NAME in QUANTIZATION_METHODS  # public: register_quantization_config appends to it
 
 
 def vllm_version() -> str:
