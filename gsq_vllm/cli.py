@@ -59,7 +59,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = quantize(
         model, recipe, output, calibration_text=args.calibration_text, calibration_samples=args.calibration_samples,
         calibration_seq_len=args.calibration_seq_len, calibration_spread=not args.calibration_from_start,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, seed=args.seed if args.seed is not None else 0,
     )
     args.written = result.output_dir
     record = {**summary, "output": str(result.output_dir), "quant_seconds": result.seconds,
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--bits", default=None, type=_bits, help="override the recipe's bits: 2, 3, 4 or ternary")
     qz.add_argument("--group-size", type=int, default=None, help="override the recipe's group size")
     qz.add_argument("--steps", type=int, default=None, help="override GSQ's optimisation steps per layer/block")
-    qz.add_argument("--seed", type=int, default=None, help="override GSQ's seed")
+    qz.add_argument("--seed", type=int, default=None,
+                    help="override GSQ's seed (also seeds the calibration shuffle; default 0)")
     qz.add_argument("--calibration-text", default="calibration", help="calibration | path to a UTF-8 text file")
     qz.add_argument("--calibration-samples", type=int, default=128)
     qz.add_argument("--calibration-seq-len", type=int, default=512)
