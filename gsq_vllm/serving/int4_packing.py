@@ -43,23 +43,53 @@ def unpack_gptq_int4(qweight: torch.Tensor) -> torch.Tensor:
 
 
 
-#: PyTorch's CPU int4 pack (``aten._convert_weight_to_int4pack_for_cpu``) groups output rows by 64
-TORCH_CPU_ROW_BLOCK = 64
+#: PyTorch's CPU int4 pack (``aten._convert_weight_to_int4pack_for_cpu``) depends on the CPU kernel
+#: ATen dispatches to: (rows per block, how a byte pairs rows). In a whole block of ``B`` rows the
+#: bytes are ``[K, B / 2]``; "split" puts row ``j`` in the low nibble and row ``j + B / 2`` in the
+#: high one (AVX-512: B = 64, AVX2: B = 32), "pairs" rows ``2j`` and ``2j + 1`` (no vector ISA).
+#: A last, partial block is always "pairs".
+TORCH_CPU_INT4_LAYOUTS = {"avx512": (64, "split"), "avx2": (32, "split"), "scalar": (32, "pairs")}
 
 
-def unpack_torch_cpu_int4(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """Unsigned 4-bit values ``[out, in]`` (uint8) back from PyTorch's CPU int4 pack.
+def _nibbles(blocks: torch.Tensor, form: str) -> torch.Tensor:
+    """Bytes ``[blocks, K, B / 2]`` -> values ``[blocks * B, K]`` (uint8)."""
+    count, in_features, half = blocks.shape
+    low, high = blocks & 0xF, blocks >> 4
+    if form == "split":  # [blocks, 2, B/2, K]
+        rows = torch.stack([low, high], dim=1).permute(0, 1, 3, 2)
+    else:  # [blocks, B/2, 2, K]
+        rows = torch.stack([low, high], dim=2).permute(0, 3, 2, 1)
+    return rows.reshape(count * 2 * half, in_features)
 
-    The pack is ``[out / 64, in, 32]`` bytes: byte ``[b, k, j]`` holds row ``64 b + j`` in its low
-    nibble and row ``64 b + 32 + j`` in its high one (read off the op's output; the kernel that uses
-    this checks it against the codes at load time, so another PyTorch's layout is caught, not used).
+
+def unpack_torch_cpu_int4(packed: torch.Tensor, out_features: int, in_features: int, layout: str) -> torch.Tensor:
+    """Unsigned 4-bit values ``[out, in]`` (uint8) back from PyTorch's CPU int4 pack in ``layout``
+    (a key of ``TORCH_CPU_INT4_LAYOUTS``; :func:`torch_cpu_int4_layout` finds the one in use).
+
     Lets a layer dequantise its weight on the fly for large batches without a second copy.
     """
-    if out_features % TORCH_CPU_ROW_BLOCK or packed.numel() * 2 != out_features * in_features:
-        raise PackingError(
-            f"PyTorch CPU int4 pack of {out_features} x {in_features}: needs out_features % {TORCH_CPU_ROW_BLOCK} == 0 "
-            f"and {out_features * in_features // 2} bytes, found {packed.numel()}"
-        )
-    blocks = packed.reshape(out_features // TORCH_CPU_ROW_BLOCK, in_features, TORCH_CPU_ROW_BLOCK // 2)
-    halves = torch.stack([blocks & 0xF, blocks >> 4], dim=1)  # [blocks, 2, in, 32]
-    return halves.permute(0, 1, 3, 2).reshape(out_features, in_features)
+    block, form = TORCH_CPU_INT4_LAYOUTS[layout]
+    if out_features % 2 or packed.numel() * 2 != out_features * in_features:
+        raise PackingError(f"PyTorch CPU int4 pack of {out_features} x {in_features}: expected "
+                           f"{out_features * in_features // 2} bytes and an even row count, found {packed.numel()} bytes")
+    flat = packed.reshape(-1)
+    whole = out_features - out_features % block
+    parts = []
+    if whole:
+        parts.append(_nibbles(flat[: whole * in_features // 2].view(whole // block, in_features, block // 2), form))
+    if whole < out_features:
+        tail = out_features - whole
+        parts.append(_nibbles(flat[whole * in_features // 2 :].view(1, in_features, tail // 2), "pairs"))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def torch_cpu_int4_layout(packed: torch.Tensor, values: torch.Tensor) -> str | None:
+    """Which of ``TORCH_CPU_INT4_LAYOUTS`` reads ``packed`` back as ``values`` ``[out, in]`` (None: none
+    does, e.g. a PyTorch whose pack changed)."""
+    for layout in TORCH_CPU_INT4_LAYOUTS:
+        try:
+            if torch.equal(unpack_torch_cpu_int4(packed, *values.shape, layout).to(values.dtype), values):
+                return layout
+        except PackingError:
+            return None
+    return None

@@ -215,11 +215,31 @@ def test_torch_int4_switches_to_a_dequantised_dense_gemm_at_its_threshold(vllm_t
         assert kernel.uses_dense(rows) is dense
         x = torch.randn(rows, k).to(act)
         assert_close(kernel.apply_weights(layer, x), reference(x, codes, scales), f"{rows} rows")
-    odd = torch.nn.Module()  # 48 outputs: not whole 64-row blocks of the pack, so int4 op always
-    odd.gsq_codes, odd.gsq_scales = random_codes(48, k, bits), random_scales(48, k // GROUP).to(act)
-    odd_kernel = GSQTorchInt4CPULinearKernel(layer_config(k, 48, bits, act=act), layer_name="odd")
-    odd_kernel.process_weights_after_loading(odd)
-    assert not odd_kernel.uses_dense(4096)
+    tail = torch.nn.Module()  # 48 outputs: a partial block of the pack, read back too
+    tail_codes, tail_scales = random_codes(48, k, bits), random_scales(48, k // GROUP).to(act)
+    tail.gsq_codes, tail.gsq_scales = tail_codes, tail_scales
+    tail_kernel = GSQTorchInt4CPULinearKernel(layer_config(k, 48, bits, act=act), layer_name="tail")
+    tail_kernel.process_weights_after_loading(tail)
+    assert tail_kernel.uses_dense(threshold)
+    x = torch.randn(threshold, k).to(act)
+    assert_close(tail_kernel.apply_weights(tail, x), reference(x, tail_codes, tail_scales), "48 outputs")
+
+
+def test_torch_int4_keeps_the_int4_op_when_its_pack_cannot_be_read_back(vllm_tp1, monkeypatch):
+    """A PyTorch whose pack layout is none of the known ones: no dense path, never a wrong weight."""
+    import gsq_vllm.serving.linear_kernels.torch_int4_cpu as torch_int4_cpu
+
+    monkeypatch.setattr(torch_int4_cpu, "torch_cpu_int4_layout", lambda packed, values: None)
+    k, n = 256, 128
+    codes, scales = random_codes(n, k, 3), random_scales(n, k // GROUP).to(torch.float32)
+    layer = torch.nn.Module()
+    layer.bias = None
+    layer.gsq_codes, layer.gsq_scales = codes, scales
+    kernel = torch_int4_cpu.GSQTorchInt4CPULinearKernel(layer_config(k, n, 3, act=torch.float32), layer_name="t")
+    kernel.process_weights_after_loading(layer)
+    assert not kernel.uses_dense(4096)
+    x = torch.randn(4, k)
+    assert_close(kernel.apply_weights(layer, x), reference(x, codes, scales), "int4 op")
 
 
 def test_cpu_wna16_states_why_it_cannot_run(vllm_tp1):

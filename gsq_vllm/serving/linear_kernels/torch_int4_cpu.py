@@ -12,7 +12,8 @@ kernel is part of every x86/Arm PyTorch build, and it is a single traceable aten
 The op's cost grows with every row it multiplies (it is a GEMV per row, not a blocked GEMM): on a
 2-core AVX-512 machine a 1536 x 576 layer took 1.5 s for 1024 fp32 rows against 80 ms dequantised +
 dense, and in bf16 19 ms against 1.7 ms. So from ``DENSE_FROM_ROWS`` rows on (prefill, large
-batches) the layer's weight is dequantised on the fly from the same int4 pack, for this call only,
+batches) the layer's weight is dequantised on the fly from the same int4 pack (whose layout depends
+on the CPU; the one in use is found at load time by reading the codes back), for this call only,
 and multiplied with PyTorch's dense GEMM (oneDNN): no second resident copy. Before this, one fp32
 step of a 64-request burst (prefills of up to 905 tokens) outlasted vLLM's 5-minute step timeout
 and the engine died.
@@ -24,8 +25,7 @@ import torch
 from vllm.model_executor.kernels.linear import MPLinearLayerConfig
 from vllm.platforms import current_platform
 
-from gsq_vllm.packing import PackingError
-from gsq_vllm.serving.int4_packing import unpack_torch_cpu_int4, widen_to_uint4
+from gsq_vllm.serving.int4_packing import torch_cpu_int4_layout, unpack_torch_cpu_int4, widen_to_uint4
 from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel, register
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -61,17 +61,9 @@ class GSQTorchInt4CPULinearKernel(GSQLinearKernel):
         register(layer, "gsq_int4_weight", packed)
         scales_t = scales.t().to(self.config.act_type)
         register(layer, "gsq_scales_zeros", torch.stack([scales_t, torch.zeros_like(scales_t)], dim=-1).contiguous())
-        self.dense_from_rows = self._dense_from_rows(packed, unsigned)
-
-    def _dense_from_rows(self, packed: torch.Tensor, unsigned: torch.Tensor) -> int | None:
-        """The large-batch threshold, or None where the pack cannot be read back (a layer whose
-        output size is not a multiple of 64, or a PyTorch whose pack layout differs)."""
-        n, k = unsigned.shape
-        try:
-            readable = torch.equal(unpack_torch_cpu_int4(packed, n, k).to(torch.int32), unsigned)
-        except PackingError:
-            readable = False
-        return DENSE_FROM_ROWS.get(self.config.act_type) if readable else None
+        # the pack's layout depends on the CPU (AVX-512, AVX2, scalar); one that reads back is needed
+        self.pack_layout = torch_cpu_int4_layout(packed, unsigned)
+        self.dense_from_rows = DENSE_FROM_ROWS.get(self.config.act_type) if self.pack_layout else None
 
     def uses_dense(self, rows: int) -> bool:
         """Whether a call with ``rows`` rows goes through the dequantised dense GEMM."""
@@ -81,7 +73,7 @@ class GSQTorchInt4CPULinearKernel(GSQLinearKernel):
         """This layer's weight ``[N, K]`` in the activation dtype, rebuilt from the int4 pack."""
         scales = layer.gsq_scales_zeros[..., 0].t()  # [N, K / group]
         n, groups = scales.shape
-        unsigned = unpack_torch_cpu_int4(layer.gsq_int4_weight, n, groups * self.group_size)
+        unsigned = unpack_torch_cpu_int4(layer.gsq_int4_weight, n, groups * self.group_size, self.pack_layout)
         centred = unsigned.to(scales.dtype) - 8
         return (centred.view(n, groups, self.group_size) * scales.unsqueeze(-1)).view(n, groups * self.group_size)
 
