@@ -12,11 +12,12 @@ Each kernel is the plugin's own class (``can_implement`` / ``process_weights_aft
   unquantized-GEMM dispatch (prepacked oneDNN / SGL): exactly what a bf16 model's layers get;
 * ``torch-int4``: PyTorch's int4 GEMM on the int4 container (the plugin's CPU default; from its
   large-batch threshold on, a dequantised dense GEMM from the same pack);
+* ``cpu-lowbit``: GSQ's C++ kernels reading the 2/3-bit planes directly (2 or 3 bits a weight);
 * ``cpu-wna16``: vLLM's CPU W4A16 op on the int4 container (what stock GPTQ W4A16 runs; AVX-512
   builds only).
 
-A 2/3-bit layer moves as many bytes as a 4-bit one on all of them (the int4 container): the
-``bytes`` column says what each keeps resident. Every timing is the best of ``--repeats`` calls
+On the int4 container a 2/3-bit layer moves as many bytes as a 4-bit one; the ``bytes`` column
+says what each kernel keeps resident. Every timing is the best of ``--repeats`` calls
 after a warm-up, with the spread (slowest - fastest) / fastest. Results:
 ``benchmarks/results/cpu_linear.json`` with the CPU it ran on.
 """
@@ -35,8 +36,8 @@ from gsq_vllm.machine import cpu_description
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUP = 64
-KERNELS = ("dequant", "torch-int4", "cpu-wna16")
-LABELS = {"dequant": "dense (vLLM CPU GEMM)", "torch-int4": "torch-int4", "cpu-wna16": "cpu-wna16 (stock W4A16 op)"}
+KERNELS = ("dequant", "cpu-lowbit", "torch-int4", "cpu-wna16")
+LABELS = {"dequant": "dense (vLLM CPU GEMM)", "cpu-lowbit": "cpu-lowbit (2/3-bit planes)", "torch-int4": "torch-int4", "cpu-wna16": "cpu-wna16 (stock W4A16 op)"}
 
 
 def layer_config(k: int, n: int, bits: int):
@@ -139,11 +140,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_ratios(records: list[dict]) -> None:
-    """``x_dense``: dense time / this time (above 1: faster than the bf16 model's layer)."""
+    """``x_dense``: dense time / this time (above 1: faster than the bf16 model's layer);
+    ``x_int4``: torch-int4's time at the same width / this time (the int4 container)."""
     dense = {(r["size"], r["rows"]): r["ms"] for r in records if r["kernel"] == LABELS["dequant"] and "ms" in r}
+    int4 = {(r["size"], r["rows"], r["bits"]): r["ms"] for r in records if r["kernel"] == LABELS["torch-int4"] and "ms" in r}
     for r in records:
         if "ms" in r and (r["size"], r["rows"]) in dense:
             r["x_dense"] = round(dense[(r["size"], r["rows"])] / r["ms"], 2)
+        if "ms" in r and (r["size"], r["rows"], r["bits"]) in int4:
+            r["x_int4"] = round(int4[(r["size"], r["rows"], r["bits"])] / r["ms"], 2)
 
 
 if __name__ == "__main__":

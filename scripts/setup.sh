@@ -87,6 +87,12 @@ if [ "$WANT_SERVE" = 1 ]; then
   fi
 fi
 
+# --- GSQ's native CPU kernels (C++; compiled once, again only when their source changes) --------
+# Not fatal: without a compiler the plugin serves through the int4 container instead.
+log "building GSQ's native CPU kernels (C++, about a minute the first time)"
+"$ROOT/.venv/bin/python" -m gsq_vllm.kernels.cpu_lowbit
+if [ "$WANT_SERVE" = 1 ]; then "$ROOT/.venv-serve/bin/python" -m gsq_vllm.kernels.cpu_lowbit; fi
+
 # --- optional: vLLM 0.33 (CUDA build) for API tests ------------------------------------------
 if [ "$WANT_VLLM033" = 1 ]; then
   VKEY="$(key_of "$VLLM033_PINS")"

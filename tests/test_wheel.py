@@ -42,5 +42,9 @@ def test_installed_wheel_finds_its_recipes(tmp_path):
                 "print(RECIPES_DIR); print(' '.join(recipe_names()))", cwd=tmp_path).stdout.split("\n")
     assert Path(found[0]).is_relative_to(env), f"recipes resolved outside the installed package: {found[0]}"
     assert found[1].split() == shipped
+    source_file = run(python, "-c", "import importlib.util, pathlib; p = pathlib.Path(importlib.util.find_spec("
+                      "'gsq_vllm').origin).parent / 'kernels' / 'cpu_lowbit.cpp'; print(p.is_file(), p)",
+                      cwd=tmp_path).stdout.split()
+    assert source_file[0] == "True" and Path(source_file[1]).is_relative_to(env), "the C++ kernel source is not shipped"
     usage = run(env / "bin" / "gsq-vllm", "quantize", "--help", cwd=tmp_path).stdout
     assert "gsq_w3a16_g64" in usage and "--calibration-samples" in usage

@@ -153,7 +153,7 @@ def layer_config(k: int, n: int, bits: int, group: int = GROUP, act=torch.bfloat
     return MPLinearLayerConfig((k, n), (k, n), GSQ_SCALAR_TYPES[bits], act, group, False)
 
 
-CPU_KERNELS = ["torch-int4", "cpu-wna16", "dequant"]
+CPU_KERNELS = ["cpu-lowbit", "torch-int4", "cpu-wna16", "dequant"]
 
 
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -168,7 +168,9 @@ def test_cpu_kernels_match_reference(vllm_tp1, name, bits, act):
     kernel_cls = KERNELS_BY_NAME[name]
     ok, reason = kernel_cls.can_implement(layer_config(k, n, bits, act=act))
     if not ok:
-        assert name == "cpu-wna16", f"{name} refused a layer it must run on every CPU: {reason}"
+        may_refuse = name == "cpu-wna16" or (name == "cpu-lowbit" and (bits == 4 or "could not be built" in reason
+                                                                     or "neither AVX-512F" in reason))
+        assert may_refuse, f"{name} refused a layer it must run on every CPU: {reason}"
         pytest.skip(f"{name} unavailable here: {reason}")
     codes, scales = random_codes(n, k, bits), random_scales(n, k // GROUP).to(act)
     layer = torch.nn.Module()
@@ -223,6 +225,33 @@ def test_torch_int4_switches_to_a_dequantised_dense_gemm_at_its_threshold(vllm_t
     assert tail_kernel.uses_dense(threshold)
     x = torch.randn(threshold, k).to(act)
     assert_close(tail_kernel.apply_weights(tail, x), reference(x, tail_codes, tail_scales), "48 outputs")
+
+
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("bits", [2, 3])
+def test_cpu_lowbit_switches_to_a_rebuilt_dense_weight_at_its_threshold(vllm_tp1, bits, act):
+    """Below DENSE_FROM_ROWS rows the C++ low-bit GEMM, from there on the weight rebuilt from the
+    same planes (no other copy kept) and a dense GEMM; both equal the reference."""
+    from gsq_vllm.kernels import cpu_lowbit
+    from gsq_vllm.serving.linear_kernels.cpu_lowbit import DENSE_FROM_ROWS, GSQCPULowbitLinearKernel
+
+    if cpu_lowbit.unavailable_reason():
+        pytest.skip(f"native CPU kernels unavailable: {cpu_lowbit.unavailable_reason()}")
+    k, n = 256, 128
+    codes, scales = random_codes(n, k, bits), random_scales(n, k // GROUP).to(act)
+    layer = torch.nn.Module()
+    layer.bias = None
+    layer.gsq_codes, layer.gsq_scales = codes, scales
+    kernel = GSQCPULowbitLinearKernel(layer_config(k, n, bits, act=act), layer_name="test")
+    kernel.process_weights_after_loading(layer)
+    expected = {"gsq_low_plane", "gsq_scales_t"} | ({"gsq_high_plane"} if bits == 3 else set())
+    assert {name for name, _ in layer.named_parameters()} == expected
+    assert sum(p.numel() * p.element_size() for p in layer.parameters()) * 8 < n * k * (bits + 0.6)
+    threshold = DENSE_FROM_ROWS[act]
+    for rows, dense in ((1, False), (threshold - 1, False), (threshold, True), (300, True)):
+        assert kernel.uses_dense(rows) is dense
+        x = torch.randn(rows, k).to(act)
+        assert_close(kernel.apply_weights(layer, x), reference(x, codes, scales), f"{rows} rows")
 
 
 def test_torch_int4_keeps_the_int4_op_when_its_pack_cannot_be_read_back(vllm_tp1, monkeypatch):
@@ -293,7 +322,7 @@ def test_selector_default_forced_and_reasons(vllm_tp1, monkeypatch):
     with pytest.raises(GSQKernelSelectionError, match=r"group size 16 not in"):
         choose_gsq_kernel(layer_config(576, 192, 2, group=16))
     monkeypatch.setenv(KERNEL_ENV, "nonsense")
-    with pytest.raises(GSQKernelSelectionError, match=r"not a GSQ kernel; choose one of torch-int4, cpu-wna16, marlin, triton, dequant"):
+    with pytest.raises(GSQKernelSelectionError, match=r"not a GSQ kernel; choose one of cpu-lowbit, torch-int4, cpu-wna16, marlin, triton, dequant"):
         choose_gsq_kernel(layer_config(576, 192, 2))
 
 

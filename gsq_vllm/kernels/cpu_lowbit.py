@@ -1,0 +1,162 @@
+"""GSQ's native CPU kernels: 2/3-bit weight-only GEMM that reads the packed codes directly.
+
+The int4 container (PyTorch's or vLLM's 4-bit CPU GEMM) widens every 2/3-bit code to 4 bits, so a
+2-bit layer moves as many bytes as a 4-bit one. These kernels (C++, ``cpu_lowbit.cpp`` beside this
+file, AVX-512F or AVX2+FMA chosen per call) read the same bit planes the Triton kernels read
+(:func:`gsq_vllm.kernels.planes.pack_kernel_planes`): 2 bits per weight at 2 bits, 3 at 3 bits.
+
+* ``torch.ops.gsq_cpu.lowbit_mm(x [M, K], low, high, scales [K/G, N] fp32, bits, G) -> [M, N]``:
+  fp32 arithmetic (bf16/fp16 activations are widened), for decode-sized M.
+* ``torch.ops.gsq_cpu.lowbit_dequantize_t(low, high, scales, bits, G, dtype) -> [K, N]``: the
+  weight, transposed, in one pass: large M multiply it with a dense GEMM.
+
+Both are registered torch ops with fake implementations, so a compiled vLLM graph keeps them as
+single nodes. The extension is compiled once per machine with PyTorch's C++ extension builder
+(``scripts/setup.sh`` does it; otherwise the first use does, in about a minute), cached under
+``$TORCH_EXTENSIONS_DIR``. :func:`unavailable_reason` says why it cannot be used (no compiler,
+neither AVX-512F nor AVX2) instead of failing later.
+
+The torch reference beside it is :func:`gsq_vllm.kernels.reference.reference_matmul`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gsq_vllm.kernels.planes import pack_kernel_planes
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_lowbit.cpp")
+#: widths and group sizes the C++ kernels take (a multiple of 16 output rows)
+BITS = (2, 3)
+GROUP_SIZES = (32, 64, 128)
+ROW_BLOCK = 16
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    match = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
+    return set(match.group(1).split()) if match else set()
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> str | None:
+    """Build (or reuse) and load the extension; ``None`` when it works, else the reason it does not."""
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
+        flags = _cpu_flags()
+        if "avx512f" not in flags and not {"avx2", "fma"} <= flags:
+            return "this CPU has neither AVX-512F nor AVX2+FMA"
+    try:
+        from torch.utils import cpp_extension
+
+        name = "gsq_cpu_lowbit_" + re.sub(r"[^0-9a-zA-Z]", "_", torch.__version__)
+        cpp_extension.load(
+            name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False,
+        )
+    except Exception as error:  # no compiler, no headers, a build error: say which
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"the C++ kernels could not be built or loaded ({first_line})"
+    _register_fakes()
+    return None
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("gsq_cpu::lowbit_mm")
+    def _(x, low_plane, high_plane, scales, bits, group_size):
+        return x.new_empty(x.shape[0], low_plane.shape[1])
+
+    @torch.library.register_fake("gsq_cpu::lowbit_dequantize_t")
+    def _(low_plane, high_plane, scales, bits, group_size, dtype):
+        return low_plane.new_empty(low_plane.shape[0] * 16, low_plane.shape[1], dtype=dtype)
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernels cannot run here (``None``: they can). Builds them on first call."""
+    return _load()
+
+
+def isa() -> str:
+    """The instruction set the kernels use now: ``avx512`` or ``avx2`` (``GSQ_VLLM_CPU_ISA=avx2``
+    forces the AVX2 path on an AVX-512 CPU)."""
+    _require()
+    return torch.ops.gsq_cpu.isa()
+
+
+def _require() -> None:
+    reason = _load()
+    if reason:
+        raise RuntimeError(f"GSQ CPU kernels unavailable: {reason}")
+
+
+def shape_problem(n: int, k: int, bits: int, group_size: int) -> str | None:
+    """Why a layer of ``n`` outputs and ``k`` inputs cannot use these kernels (``None``: it can)."""
+    if bits not in BITS:
+        return f"{bits}-bit codes (the native CPU kernels take {BITS})"
+    if group_size not in GROUP_SIZES:
+        return f"group size {group_size} not in {GROUP_SIZES}"
+    if k % group_size:
+        return f"input size {k} is not a multiple of the group size {group_size}"
+    if n % ROW_BLOCK:
+        return f"output size {n} is not a multiple of {ROW_BLOCK}"
+    return None
+
+
+@dataclass
+class CPUPackedWeight:
+    """A layer's weight as the native CPU kernels read it (built once at load time)."""
+
+    low_plane: torch.Tensor  # int32 [K / 16, N]
+    high_plane: torch.Tensor | None  # int32 [K / 32, N], 3-bit only
+    scales: torch.Tensor  # fp32 [K / group_size, N]
+    bits: int
+    group_size: int
+
+
+def prepare(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> CPUPackedWeight:
+    """Signed codes ``[N, K]`` and scales ``[N, K / group_size]`` -> the kernels' planes."""
+    n, k = codes.shape
+    problem = shape_problem(n, k, bits, group_size)
+    if problem:
+        raise ValueError(f"the native CPU kernels cannot take this weight: {problem}")
+    low, high = pack_kernel_planes(codes, bits)
+    return CPUPackedWeight(low.contiguous(), None if high is None else high.contiguous(),
+                           scales.to(torch.float32).t().contiguous(), bits, group_size)
+
+
+def lowbit_mm(x: torch.Tensor, weight: CPUPackedWeight) -> torch.Tensor:
+    """``x [M, K] @ weight.T`` in fp32 arithmetic, returned in ``x.dtype``."""
+    _require()
+    return torch.ops.gsq_cpu.lowbit_mm(x, weight.low_plane, weight.high_plane, weight.scales, weight.bits, weight.group_size)
+
+
+def dequantize_t(weight: CPUPackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight transposed, ``[K, N]``, in ``dtype`` (fp32 or bf16), in one pass over the planes."""
+    _require()
+    return torch.ops.gsq_cpu.lowbit_dequantize_t(weight.low_plane, weight.high_plane, weight.scales, weight.bits,
+                                                 weight.group_size, dtype)
+
+
+def build_main() -> int:
+    """``python -m gsq_vllm.kernels.cpu_lowbit``: build the extension now (the set-up runs this)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    reason = unavailable_reason()
+    if reason:
+        logger.warning("GSQ native CPU kernels not built: %s (serving falls back to the int4 container)", reason)
+        return 0
+    logger.info("GSQ native CPU kernels ready (%s)", isa())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(build_main())

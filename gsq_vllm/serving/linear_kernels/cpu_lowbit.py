@@ -1,0 +1,78 @@
+"""2/3-bit codes read directly on the CPU with GSQ's own C++ kernels (no int4 widening).
+
+Layout: int8 codes ``[N, K]`` (scheme) -> bit planes ``low [K/16, N]`` (+ ``high [K/32, N]`` at 3
+bits) and fp32 scales ``[K/group, N]`` (:func:`gsq_vllm.kernels.cpu_lowbit.prepare`): 2 or 3 bits
+per weight in memory, against 4 for the int4 container.
+
+Per call, by the number of rows (tokens) M:
+
+* ``M < dense_from_rows``: ``gsq_cpu::lowbit_mm``, which decodes the planes in registers (decode,
+  small batches: bytes dominate);
+* larger M (prefill, large batches): ``gsq_cpu::lowbit_dequantize_t`` rebuilds the layer's weight
+  in the activation dtype in one pass, for this call only, and PyTorch's dense GEMM (oneDNN)
+  multiplies it: the rebuild is amortised over the rows, and no second copy stays resident.
+
+The crossover ``DENSE_FROM_ROWS`` is measured by ``benchmarks/cpu_linear.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.kernels.linear import MPLinearLayerConfig
+from vllm.platforms import current_platform
+
+from gsq_vllm.kernels import cpu_lowbit
+from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel, register
+
+#: rows from which a call rebuilds the weight and runs a dense GEMM instead of the low-bit kernel
+DENSE_FROM_ROWS = {torch.float32: 8, torch.bfloat16: 16, torch.float16: 16}
+
+
+class GSQCPULowbitLinearKernel(GSQLinearKernel):
+    name = "cpu-lowbit"
+
+    @classmethod
+    def can_implement(cls, c: MPLinearLayerConfig) -> tuple[bool, str | None]:
+        if not current_platform.is_cpu():
+            return False, "cpu-lowbit runs on the CPU only"
+        if c.act_type not in DENSE_FROM_ROWS:
+            return False, f"activation dtype {c.act_type} not supported"
+        k, n = c.partition_weight_shape
+        problem = cpu_lowbit.shape_problem(n, k, c.weight_type.size_bits, c.group_size)
+        if problem:
+            return False, problem
+        reason = cpu_lowbit.unavailable_reason()
+        return (False, reason) if reason else (True, None)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        codes, scales = self.take_codes_and_scales(layer)
+        weight = cpu_lowbit.prepare(codes, scales, self.num_bits, self.group_size)
+        register(layer, "gsq_low_plane", weight.low_plane)
+        if weight.high_plane is not None:
+            register(layer, "gsq_high_plane", weight.high_plane)
+        register(layer, "gsq_scales_t", weight.scales)
+        self.dense_from_rows = DENSE_FROM_ROWS[self.config.act_type]
+        # the dense GEMM's operand dtype: bf16 stays bf16 (oneDNN's bf16 GEMM), the rest fp32
+        self.dense_dtype = torch.bfloat16 if self.config.act_type == torch.bfloat16 else torch.float32
+
+    def uses_dense(self, rows: int) -> bool:
+        """Whether a call with ``rows`` rows rebuilds the weight for a dense GEMM."""
+        return rows >= self.dense_from_rows
+
+    def apply_weights(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        high = getattr(layer, "gsq_high_plane", None)
+        if self.uses_dense(rows.shape[0]):
+            weight_t = torch.ops.gsq_cpu.lowbit_dequantize_t(
+                layer.gsq_low_plane, high, layer.gsq_scales_t, self.num_bits, self.group_size, self.dense_dtype
+            )
+            out = torch.mm(rows.to(self.dense_dtype), weight_t).to(x.dtype)
+        else:
+            out = torch.ops.gsq_cpu.lowbit_mm(
+                rows.contiguous(), layer.gsq_low_plane, high, layer.gsq_scales_t, self.num_bits, self.group_size
+            )
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])

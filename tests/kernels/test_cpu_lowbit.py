@@ -1,0 +1,107 @@
+"""GSQ's native CPU kernels (C++, 2/3-bit planes read directly) against the torch reference.
+
+Every instruction set this CPU has is tested: AVX-512 where present, and the AVX2 path always
+(``GSQ_VLLM_CPU_ISA=avx2`` forces it on an AVX-512 CPU). Skipped, with the reason, where the
+extension cannot be built (no compiler) or the CPU has neither.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gsq_vllm.kernels import cpu_lowbit
+from gsq_vllm.kernels.reference import exact_problem, reference_matmul
+from gsq_vllm.weight_format import dequantize
+
+REASON = cpu_lowbit.unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native CPU kernels unavailable: {REASON}")
+
+
+def _isas() -> list[str]:
+    if REASON is not None:
+        return ["avx2"]
+    return ["avx512", "avx2"] if cpu_lowbit.isa() == "avx512" else ["avx2"]
+
+
+@pytest.fixture(params=_isas())
+def isa(request, monkeypatch) -> str:
+    if request.param == "avx2":
+        monkeypatch.setenv("GSQ_VLLM_CPU_ISA", "avx2")
+    assert cpu_lowbit.isa() == request.param
+    return request.param
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 3, 4, 9])
+def test_lowbit_mm_is_bit_identical_to_dequantise_then_matmul_in_fp32(isa, bits, group_size, m):
+    codes, scales, x = exact_problem(m, 48, 256, bits, group_size, torch.float32, seed=bits * 100 + m, scale_dtype=torch.float32)
+    weight = cpu_lowbit.prepare(codes, scales, bits, group_size)
+    out = cpu_lowbit.lowbit_mm(x, weight)
+    assert out.dtype == torch.float32 and out.shape == (m, 48)
+    assert torch.equal(out, reference_matmul(x, codes, scales, group_size))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_t_is_exact(isa, bits, dtype):
+    generator = torch.Generator().manual_seed(bits)
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    codes = torch.randint(low, high + 1, (96, 320), dtype=torch.int8, generator=generator)
+    scales = torch.randn(96, 320 // 32, generator=generator)
+    weight = cpu_lowbit.prepare(codes, scales, bits, 32)
+    expected = dequantize(codes, scales).t().to(dtype)
+    assert torch.equal(cpu_lowbit.dequantize_t(weight, dtype), expected)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_lowbit_mm_on_real_valued_bf16_inputs_a_layer_sized_like_the_default_models(isa, bits):
+    generator = torch.Generator().manual_seed(7)
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    codes = torch.randint(low, high + 1, (1536, 576), dtype=torch.int8, generator=generator)
+    scales = (torch.rand(1536, 576 // 64, generator=generator) - 0.5) / 20
+    x = torch.randn(5, 576, generator=generator).to(torch.bfloat16)
+    out = cpu_lowbit.lowbit_mm(x, cpu_lowbit.prepare(codes, scales, bits, 64))
+    expected = reference_matmul(x, codes, scales, 64)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=1.6e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "bits", "group_size", "message"),
+    [
+        (40, 256, 2, 64, "output size 40 is not a multiple of 16"),
+        (48, 200, 3, 64, "input size 200 is not a multiple of the group size 64"),
+        (48, 512, 2, 256, "group size 256 not in (32, 64, 128)"),
+        (48, 256, 4, 64, "4-bit codes"),
+    ],
+)
+def test_shapes_the_kernels_cannot_take_are_refused_with_the_reason(n, k, bits, group_size, message):
+    assert message in cpu_lowbit.shape_problem(n, k, bits, group_size)
+    codes = torch.zeros(n, k, dtype=torch.int8)
+    with pytest.raises(ValueError, match="native CPU kernels cannot take this weight"):
+        cpu_lowbit.prepare(codes, torch.ones(n, max(1, k // group_size)), bits, group_size)
+
+
+def test_the_op_checks_its_tensors():
+    codes, scales, x = exact_problem(2, 32, 128, 3, 64, torch.float32, scale_dtype=torch.float32)
+    weight = cpu_lowbit.prepare(codes, scales, 3, 64)
+    with pytest.raises(RuntimeError, match="3-bit weights need a contiguous int32 high_plane"):
+        torch.ops.gsq_cpu.lowbit_mm(x, weight.low_plane, None, weight.scales, 3, 64)
+    with pytest.raises(RuntimeError, match="scales must be contiguous fp32"):
+        torch.ops.gsq_cpu.lowbit_mm(x, weight.low_plane, weight.high_plane, weight.scales.half(), 3, 64)
+    with pytest.raises(RuntimeError, match="does not hold K = 64"):
+        torch.ops.gsq_cpu.lowbit_mm(x[:, :64], weight.low_plane, weight.high_plane, weight.scales, 3, 64)
+
+
+def test_the_ops_trace_as_single_nodes():
+    """vLLM compiles the model: the ops need fake implementations and must not break the graph."""
+    codes, scales, x = exact_problem(3, 32, 128, 2, 64, torch.float32, scale_dtype=torch.float32)
+    weight = cpu_lowbit.prepare(codes, scales, 2, 64)
+
+    def layer(x):
+        return torch.ops.gsq_cpu.lowbit_mm(x, weight.low_plane, None, weight.scales, 2, 64) + 1
+
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), layer(x))
