@@ -1,23 +1,30 @@
 // GSQ's native CPU kernels: a weight-only GEMM that reads 2/3-bit codes straight from their bit
 // planes (no int4 widening), and a one-pass dequantiser for large batches.
 //
-// Layout (gsq_vllm/kernels/planes.py, shared with the Triton kernels), N contiguous:
-//   low_plane  int32 [K/16, N]: code k of row n at bits 2*(k%16) of low_plane[k/16][n]
-//   high_plane int32 [K/32, N] (3-bit only): the code's third bit, slot c = k%32 at bit
-//              16*(c/16) + 2*(c%8) + (c%16)/8 of high_plane[k/32][n]
+// Layout: the ``cpu`` plane layout of gsq_vllm/kernels/planes.py (one owner of it), N contiguous:
+//   low_plane  int32 [K/16, N]: i = k%16 = 2j+p of row n at bit 16p + 2j of low_plane[k/16][n]
+//   high_plane int32 [K/32, N] (3-bit only): the code's third bit, c = k%32 = 16h + 2j + p, at bit
+//              16p + 8h + j of high_plane[k/32][n]
 //   scales     fp32  [K/G, N]
 // The unsigned code u = code + 2^(bits-1); weight[n][k] = scales[k/G][n] * (u - 2^(bits-1)).
 //
-// One SIMD lane is one output row: 16 rows per AVX-512 register, 8 per AVX2 register. For each
-// k, shifting the 16 rows' plane words right by 2*(k%16) leaves each row's code in the low bits,
-// and one permute (vpermps) turns those bits into the float grid level through a small table
-// that repeats with the code's period, so no masking is needed for 2-bit codes. The level is then
-// multiplied with x[m][k] (broadcast) into a per-group sum; at the end of each group the sum is
-// scaled by the 16 rows' scales. fp32 arithmetic throughout: the result equals dequantise-then-
-// matmul up to the order of the additions.
+// One SIMD lane is one output row (16 per AVX-512 register, 8 per AVX2 register). Shifting the
+// rows' plane words puts one code in each lane's low bits, and one permute turns those bits into
+// the grid level through a small table that repeats with the code's period (no masking for
+// 2-bit codes; 3-bit codes take their third bit from the high plane with one bitwise select).
+// * fp32 path (any activation dtype; AVX-512F or AVX2+FMA): 32-bit lanes, one code per lane per
+//   step, FMA with x[m][k] broadcast. The result equals dequantise-then-matmul in fp32 up to the
+//   order of the additions.
+// * bf16 path (bf16 activations on AVX-512 BF16 CPUs): a 16-bit shift puts the pair (k, k+1) of
+//   each row in the two halves of its lane, a 16-bit permute makes them bf16 levels (exact), and
+//   one dot-product instruction (vdpbf16ps) accumulates both products in fp32: twice the weights
+//   per instruction.
+// Sums run per group in several independent accumulators (FMA latency), then are scaled by the
+// 16 rows' scales into the total.
 //
-// ISA: chosen per call from the CPU (AVX-512F, else AVX2+FMA; GSQ_VLLM_CPU_ISA=avx2 forces the
-// AVX2 path, for tests); the Python side refuses CPUs with neither.
+// ISA: chosen per call from the CPU (GSQ_VLLM_CPU_ISA=avx2 forces the AVX2 path, =avx512 the
+// AVX-512F fp32 path without the bf16 instructions; for tests); the Python side refuses CPUs
+// with neither AVX-512F nor AVX2+FMA.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -27,29 +34,35 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <utility>
 
 namespace {
 
-enum class Isa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Isa { kNone = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 Isa detect_isa() {
   __builtin_cpu_init();
-  const char* forced = std::getenv("GSQ_VLLM_CPU_ISA");
   bool avx512 = __builtin_cpu_supports("avx512f");
+  bool bf16 = avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
   bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (forced && std::strcmp(forced, "avx2") == 0) avx512 = false;
-  if (forced && std::strcmp(forced, "none") == 0) avx512 = avx2 = false;
-  return avx512 ? Isa::kAvx512 : (avx2 ? Isa::kAvx2 : Isa::kNone);
+  if (const char* forced = std::getenv("GSQ_VLLM_CPU_ISA")) {
+    if (std::strcmp(forced, "avx512") == 0) bf16 = false;
+    if (std::strcmp(forced, "avx2") == 0) avx512 = bf16 = false;
+    if (std::strcmp(forced, "none") == 0) avx512 = bf16 = avx2 = false;
+  }
+  return bf16 ? Isa::kAvx512Bf16 : avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kNone;
 }
 
 const char* isa_name(Isa isa) {
-  return isa == Isa::kAvx512 ? "avx512" : (isa == Isa::kAvx2 ? "avx2" : "none");
+  switch (isa) {
+    case Isa::kAvx512Bf16: return "avx512-bf16";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "none";
+  }
 }
-
-// bit of the high plane's word that holds slot c (see the layout above)
-constexpr int high_bit(int c) { return 16 * (c / 16) + 2 * (c % 8) + (c % 16) / 8; }
 
 #define GSQ_INLINE inline __attribute__((always_inline))
 
@@ -63,9 +76,19 @@ GSQ_INLINE void unroll(F&& f) {
   unroll_impl(std::forward<F>(f), std::make_integer_sequence<int, N>{});
 }
 
-// Rows of x handled per pass over a block of the weight: one group sum and one total per row
-// must stay in registers.
-constexpr int kMaxRows = 4;
+// The cpu layout's bit positions (planes.py): slot s = 2j + p of a 16-slot half h of 32 codes.
+constexpr int low_shift(int s) { return 16 * (s % 2) + 2 * (s / 2); }
+constexpr int high_bit(int h, int s) { return 16 * (s % 2) + 8 * h + s / 2; }
+
+// Rows of x per pass over a block of the weight (AVX2 has 16 registers, AVX-512 32), and
+// independent accumulators per row: 8 in all, enough to hide the FMA latency.
+constexpr int kRows512 = 4;
+constexpr int kRows256 = 2;
+constexpr int chains(int rows) { return 8 / rows; }
+
+// Levels of a code, repeated with the code's period over the permute's index bits.
+template <int BITS>
+constexpr float level(int index) { return BITS == 2 ? float((index & 3) - 2) : float((index & 7) - 4); }
 
 // ------------------------------------------------------------------------------------ AVX-512
 
@@ -73,84 +96,181 @@ constexpr int kMaxRows = 4;
 #pragma GCC target("avx512f")  // everything down to pop_options, lambdas included
 
 template <int BITS>
-inline __m512 level_table_512() {
-  if constexpr (BITS == 2) {
-    return _mm512_setr_ps(-2, -1, 0, 1, -2, -1, 0, 1, -2, -1, 0, 1, -2, -1, 0, 1);
-  } else {
-    return _mm512_setr_ps(-4, -3, -2, -1, 0, 1, 2, 3, -4, -3, -2, -1, 0, 1, 2, 3);
-  }
+inline __m512 table_512() {
+  alignas(64) float values[16];
+  for (int i = 0; i < 16; ++i) values[i] = level<BITS>(i);
+  return _mm512_load_ps(values);
 }
 
-// The 16 rows' levels for slot t (0..15) of a low word, whose 32-slot high word is `high` and
-// which is the `half`-th (0 or 1) 16-slot half of that high word.
-template <int BITS, int HALF, int T>
-inline __m512 levels_512(__m512i low, __m512i high, __m512 table) {
-  __m512i index = T ? _mm512_srli_epi32(low, 2 * T) : low;
+// The 16 rows' levels of slot S of half H, from the low word and (3-bit) the 32-slot high word.
+template <int BITS, int H, int S>
+GSQ_INLINE __m512 levels_512(__m512i low, __m512i high, __m512 table) {
+  constexpr int shift = low_shift(S);
+  __m512i index = shift ? _mm512_srli_epi32(low, shift) : low;
   if constexpr (BITS == 3) {
-    constexpr int bit = high_bit(16 * HALF + T);
+    constexpr int bit = high_bit(H, S);
     __m512i up = bit >= 2 ? _mm512_srli_epi32(high, bit - 2) : _mm512_slli_epi32(high, 2 - bit);
-    index = _mm512_ternarylogic_epi32(index, up, _mm512_set1_epi32(3), 0xE4);  // mask ? index : up
+    index = _mm512_ternarylogic_epi32(index, up, _mm512_set1_epi32(3), 0xE4);  // bits 0-1 from index, rest from up
   }
-  return _mm512_permutexvar_ps(index, table);
+  return _mm512_permutexvar_ps(index, table);  // uses the index's low 4 bits
 }
 
-// y[m][n0:n0+16] for ROWS rows of x: the whole K.
+// y[m][n0:n0+16] for ROWS rows of fp32 x, the whole K.
 template <int BITS, int ROWS>
-void block_512(const float* x, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
-                          const float* scales, int64_t N, int64_t group, float* y, int64_t ldy, int64_t n0) {
-  const __m512 table = level_table_512<BITS>();
+void gemm_block_512(const float* x, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
+                    const float* scales, int64_t N, int64_t group, float* y, int64_t ldy, int64_t n0) {
+  constexpr int CH = chains(ROWS);
+  const __m512 table = table_512<BITS>();
   __m512 total[ROWS];
   for (int r = 0; r < ROWS; ++r) total[r] = _mm512_setzero_ps();
-  const int64_t groups = K / group;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 sum[ROWS];
-    for (int r = 0; r < ROWS; ++r) sum[r] = _mm512_setzero_ps();
-    // 32 slots per step: two low words and (3-bit) one high word
+  for (int64_t g = 0; g < K / group; ++g) {
+    __m512 sum[ROWS][CH];
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < CH; ++c) sum[r][c] = _mm512_setzero_ps();
     for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-      __m512i hiword = _mm512_setzero_si512();
-      if constexpr (BITS == 3) hiword = _mm512_loadu_si512(high + (k / 32) * N + n0);
-      unroll<2>([&](auto half) {
-        const __m512i word = _mm512_loadu_si512(low + (k / 16 + half) * N + n0);
-        const float* xk = x + k + 16 * half;
-        unroll<16>([&](auto t) {
-          const __m512 level = levels_512<BITS, half, t>(word, hiword, table);
-          for (int r = 0; r < ROWS; ++r) sum[r] = _mm512_fmadd_ps(level, _mm512_set1_ps(xk[r * ldx + t]), sum[r]);
+      const __m512i hiword = BITS == 3 ? _mm512_loadu_si512(high + (k / 32) * 16) : _mm512_setzero_si512();
+      unroll<2>([&](auto h) {
+        const __m512i word = _mm512_loadu_si512(low + (k / 16 + h) * 16);
+        const float* xk = x + k + 16 * h;
+        unroll<16>([&](auto s) {
+          const __m512 value = levels_512<BITS, h, s>(word, hiword, table);
+          for (int r = 0; r < ROWS; ++r)
+            sum[r][s % CH] = _mm512_fmadd_ps(value, _mm512_set1_ps(xk[r * ldx + s]), sum[r][s % CH]);
         });
       });
     }
-    const __m512 scale = _mm512_loadu_ps(scales + g * N + n0);
-    for (int r = 0; r < ROWS; ++r) total[r] = _mm512_fmadd_ps(sum[r], scale, total[r]);
+    const __m512 scale = _mm512_loadu_ps(scales + g * 16);
+    for (int r = 0; r < ROWS; ++r) {
+      __m512 acc = sum[r][0];
+      for (int c = 1; c < CH; ++c) acc = _mm512_add_ps(acc, sum[r][c]);
+      total[r] = _mm512_fmadd_ps(acc, scale, total[r]);
+    }
   }
   for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(y + r * ldy + n0, total[r]);
 }
 
-// The dequantised, transposed weight wt[k][n0:n0+16] = scale * level, fp32 or bf16.
-template <int BITS, bool BF16>
-void dequantize_block_512(int64_t K, const int32_t* low, const int32_t* high, const float* scales,
-                                     int64_t N, int64_t group, void* out, int64_t n0) {
-  const __m512 table = level_table_512<BITS>();
-  for (int64_t k = 0; k < K; k += 32) {
-    const __m512 scale = _mm512_loadu_ps(scales + (k / group) * N + n0);
-    __m512i hiword = _mm512_setzero_si512();
-    if constexpr (BITS == 3) hiword = _mm512_loadu_si512(high + (k / 32) * N + n0);
-    unroll<2>([&](auto half) {
-      const __m512i word = _mm512_loadu_si512(low + (k / 16 + half) * N + n0);
-      unroll<16>([&](auto t) {
-        const __m512 value = _mm512_mul_ps(levels_512<BITS, half, t>(word, hiword, table), scale);
-        const int64_t row = k + 16 * half + t;
-        if constexpr (BF16) {
-          // round to nearest even (no NaNs here: finite scales times small integers)
-          __m512i bits = _mm512_castps_si512(value);
-          __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-          bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-          __m256i half_words = _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + row * N + n0), half_words);
-        } else {
-          _mm512_storeu_ps(static_cast<float*>(out) + row * N + n0, value);
-        }
-      });
-    });
+GSQ_INLINE __m256i to_bf16_512(__m512 value) {  // round to nearest even (finite values only)
+  __m512i bits = _mm512_castps_si512(value);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_cvtepi32_epi16(bits);
+}
+
+// wt[k0:k0+32][n0:n0+16*BLOCKS] = scale * level, fp32 or bf16, for BLOCKS consecutive blocks of 16
+// outputs (block stride: K words of the low plane, K/2 of the high one, K/group*16 scales). Two
+// blocks of bf16 make one whole 64-byte line per row: no partially written lines.
+template <int BITS, bool BF16, int BLOCKS>
+void dequantize_chunk_512(int64_t k0, const int32_t* low, const int32_t* high, const float* scales,
+                          int64_t K, int64_t group, int64_t N, void* out, int64_t n0) {
+  const __m512 table = table_512<BITS>();
+  __m512 scale[BLOCKS];
+  __m512i hiword[BLOCKS];
+  for (int b = 0; b < BLOCKS; ++b) {
+    scale[b] = _mm512_loadu_ps(scales + b * (K / group) * 16 + (k0 / group) * 16);
+    hiword[b] = BITS == 3 ? _mm512_loadu_si512(high + b * (K / 2) + (k0 / 32) * 16) : _mm512_setzero_si512();
   }
+  unroll<2>([&](auto h) {
+    __m512i word[BLOCKS];
+    for (int b = 0; b < BLOCKS; ++b) word[b] = _mm512_loadu_si512(low + b * K + (k0 / 16 + h) * 16);
+    unroll<16>([&](auto s) {
+      const int64_t row = k0 + 16 * h + s;
+      __m512 value[BLOCKS];
+      for (int b = 0; b < BLOCKS; ++b) value[b] = _mm512_mul_ps(levels_512<BITS, h, s>(word[b], hiword[b], table), scale[b]);
+      if constexpr (BF16 && BLOCKS == 2) {
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_512(value[0])), to_bf16_512(value[1]), 1);
+        _mm512_storeu_si512(static_cast<uint16_t*>(out) + row * N + n0, both);
+      } else if constexpr (BF16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + row * N + n0), to_bf16_512(value[0]));
+      } else {
+        for (int b = 0; b < BLOCKS; ++b) _mm512_storeu_ps(static_cast<float*>(out) + row * N + n0 + 16 * b, value[b]);
+      }
+    });
+  });
+}
+
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------------- AVX-512 BF16 (bf16 x)
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512bf16")
+
+template <int BITS>
+inline __m512i table_bf16() {
+  alignas(64) uint16_t values[32];
+  for (int i = 0; i < 32; ++i) {
+    const float v = level<BITS>(i);
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    values[i] = uint16_t(bits >> 16);  // small integers are exact in bf16
+  }
+  return _mm512_load_si512(values);
+}
+
+// y[m][n0:n0+16] for ROWS rows of bf16 x: pairs (k, k+1) per dot-product instruction.
+template <int BITS, int ROWS>
+void gemm_block_bf16(const uint16_t* x, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
+                     const float* scales, int64_t N, int64_t group, float* y, int64_t ldy, int64_t n0) {
+  constexpr int CH = chains(ROWS);
+  const __m512i table = table_bf16<BITS>();
+  __m512 total[ROWS];
+  for (int r = 0; r < ROWS; ++r) total[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < K / group; ++g) {
+    __m512 sum[ROWS][CH];
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < CH; ++c) sum[r][c] = _mm512_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+      const __m512i hiword = BITS == 3 ? _mm512_loadu_si512(high + (k / 32) * 16) : _mm512_setzero_si512();
+      unroll<2>([&](auto h) {
+        const __m512i word = _mm512_loadu_si512(low + (k / 16 + h) * 16);
+        unroll<8>([&](auto j) {
+          __m512i index = j ? _mm512_srli_epi16(word, 2 * j) : word;  // (k+2j, k+2j+1) in both halves
+          if constexpr (BITS == 3) {
+            constexpr int bit = 8 * h + j;  // same place in both halves
+            const __m512i up = bit >= 2 ? _mm512_srli_epi16(hiword, bit - 2) : _mm512_slli_epi16(hiword, 2 - bit);
+            index = _mm512_ternarylogic_epi32(index, up, _mm512_set1_epi16(3), 0xE4);
+          }
+          const __m512bh levels = (__m512bh)_mm512_permutexvar_epi16(index, table);
+          for (int r = 0; r < ROWS; ++r) {
+            int32_t pair;
+            std::memcpy(&pair, x + r * ldx + k + 16 * h + 2 * j, 4);
+            sum[r][j % CH] = _mm512_dpbf16_ps(sum[r][j % CH], levels, (__m512bh)_mm512_set1_epi32(pair));
+          }
+        });
+      });
+    }
+    const __m512 scale = _mm512_loadu_ps(scales + g * 16);
+    for (int r = 0; r < ROWS; ++r) {
+      __m512 acc = sum[r][0];
+      for (int c = 1; c < CH; ++c) acc = _mm512_add_ps(acc, sum[r][c]);
+      total[r] = _mm512_fmadd_ps(acc, scale, total[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(y + r * ldy + n0, total[r]);
+}
+
+// wt[k0:k0+32][n0:n0+32] in bf16 for two blocks: as dequantize_chunk_512<BITS, true, 2>, with one
+// conversion instruction for 32 values instead of six integer operations per 16.
+template <int BITS>
+void dequantize_pair_bf16(int64_t k0, const int32_t* low, const int32_t* high, const float* scales,
+                          int64_t K, int64_t group, int64_t N, void* out, int64_t n0) {
+  const __m512 table = table_512<BITS>();
+  __m512 scale[2];
+  __m512i hiword[2];
+  for (int b = 0; b < 2; ++b) {
+    scale[b] = _mm512_loadu_ps(scales + b * (K / group) * 16 + (k0 / group) * 16);
+    hiword[b] = BITS == 3 ? _mm512_loadu_si512(high + b * (K / 2) + (k0 / 32) * 16) : _mm512_setzero_si512();
+  }
+  unroll<2>([&](auto h) {
+    const __m512i word0 = _mm512_loadu_si512(low + (k0 / 16 + h) * 16);
+    const __m512i word1 = _mm512_loadu_si512(low + K + (k0 / 16 + h) * 16);
+    unroll<16>([&](auto s) {
+      const __m512 first = _mm512_mul_ps(levels_512<BITS, h, s>(word0, hiword[0], table), scale[0]);
+      const __m512 second = _mm512_mul_ps(levels_512<BITS, h, s>(word1, hiword[1], table), scale[1]);
+      const __m512bh both = _mm512_cvtne2ps_pbh(second, first);  // low half: first
+      _mm512_storeu_si512(static_cast<uint16_t*>(out) + (k0 + 16 * h + s) * N + n0, (__m512i)both);
+    });
+  });
 }
 
 #pragma GCC pop_options
@@ -161,119 +281,135 @@ void dequantize_block_512(int64_t K, const int32_t* low, const int32_t* high, co
 #pragma GCC target("avx2,fma")
 
 template <int BITS>
-inline __m256 level_table_256() {
-  if constexpr (BITS == 2) {
-    return _mm256_setr_ps(-2, -1, 0, 1, -2, -1, 0, 1);
-  } else {
-    return _mm256_setr_ps(-4, -3, -2, -1, 0, 1, 2, 3);
-  }
+inline __m256 table_256() {
+  alignas(32) float values[8];
+  for (int i = 0; i < 8; ++i) values[i] = level<BITS>(i);
+  return _mm256_load_ps(values);
 }
 
-template <int BITS, int HALF, int T>
-inline __m256 levels_256(__m256i low, __m256i high, __m256 table) {
-  __m256i index = T ? _mm256_srli_epi32(low, 2 * T) : low;
+template <int BITS, int H, int S>
+GSQ_INLINE __m256 levels_256(__m256i low, __m256i high, __m256 table) {
+  constexpr int shift = low_shift(S);
+  __m256i index = shift ? _mm256_srli_epi32(low, shift) : low;
   if constexpr (BITS == 3) {
-    constexpr int bit = high_bit(16 * HALF + T);
-    __m256i up = bit >= 2 ? _mm256_srli_epi32(high, bit - 2) : _mm256_slli_epi32(high, 2 - bit);
+    constexpr int bit = high_bit(H, S);
+    const __m256i up = bit >= 2 ? _mm256_srli_epi32(high, bit - 2) : _mm256_slli_epi32(high, 2 - bit);
     index = _mm256_or_si256(_mm256_and_si256(index, _mm256_set1_epi32(3)), _mm256_and_si256(up, _mm256_set1_epi32(4)));
   }
   return _mm256_permutevar8x32_ps(table, index);  // uses the index's low 3 bits
 }
 
 template <int BITS, int ROWS>
-void block_256(const float* x, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
-                        const float* scales, int64_t N, int64_t group, float* y, int64_t ldy, int64_t n0) {
-  const __m256 table = level_table_256<BITS>();
+void gemm_block_256(const float* x, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
+                    const float* scales, int64_t N, int64_t group, float* y, int64_t ldy, int64_t n0) {
+  constexpr int CH = chains(ROWS);
+  const __m256 table = table_256<BITS>();
   __m256 total[ROWS];
   for (int r = 0; r < ROWS; ++r) total[r] = _mm256_setzero_ps();
-  const int64_t groups = K / group;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 sum[ROWS];
-    for (int r = 0; r < ROWS; ++r) sum[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < K / group; ++g) {
+    __m256 sum[ROWS][CH];
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < CH; ++c) sum[r][c] = _mm256_setzero_ps();
     for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-      __m256i hiword = _mm256_setzero_si256();
-      if constexpr (BITS == 3) hiword = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high + (k / 32) * N + n0));
-      unroll<2>([&](auto half) {
-        const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + (k / 16 + half) * N + n0));
-        const float* xk = x + k + 16 * half;
-        unroll<16>([&](auto t) {
-          const __m256 level = levels_256<BITS, half, t>(word, hiword, table);
-          for (int r = 0; r < ROWS; ++r) sum[r] = _mm256_fmadd_ps(level, _mm256_set1_ps(xk[r * ldx + t]), sum[r]);
+      const __m256i hiword = BITS == 3 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high + (k / 32) * 16))
+                                       : _mm256_setzero_si256();
+      unroll<2>([&](auto h) {
+        const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + (k / 16 + h) * 16));
+        const float* xk = x + k + 16 * h;
+        unroll<16>([&](auto s) {
+          const __m256 value = levels_256<BITS, h, s>(word, hiword, table);
+          for (int r = 0; r < ROWS; ++r)
+            sum[r][s % CH] = _mm256_fmadd_ps(value, _mm256_set1_ps(xk[r * ldx + s]), sum[r][s % CH]);
         });
       });
     }
-    const __m256 scale = _mm256_loadu_ps(scales + g * N + n0);
-    for (int r = 0; r < ROWS; ++r) total[r] = _mm256_fmadd_ps(sum[r], scale, total[r]);
+    const __m256 scale = _mm256_loadu_ps(scales + g * 16);
+    for (int r = 0; r < ROWS; ++r) {
+      __m256 acc = sum[r][0];
+      for (int c = 1; c < CH; ++c) acc = _mm256_add_ps(acc, sum[r][c]);
+      total[r] = _mm256_fmadd_ps(acc, scale, total[r]);
+    }
   }
   for (int r = 0; r < ROWS; ++r) _mm256_storeu_ps(y + r * ldy + n0, total[r]);
 }
 
+// wt[k0:k0+32][n0:n0+8] (half a block: the pointers point at its lanes).
 template <int BITS, bool BF16>
-void dequantize_block_256(int64_t K, const int32_t* low, const int32_t* high, const float* scales,
-                                   int64_t N, int64_t group, void* out, int64_t n0) {
-  const __m256 table = level_table_256<BITS>();
-  for (int64_t k = 0; k < K; k += 32) {
-    const __m256 scale = _mm256_loadu_ps(scales + (k / group) * N + n0);
-    __m256i hiword = _mm256_setzero_si256();
-    if constexpr (BITS == 3) hiword = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high + (k / 32) * N + n0));
-    unroll<2>([&](auto half) {
-      const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + (k / 16 + half) * N + n0));
-      unroll<16>([&](auto t) {
-        const __m256 value = _mm256_mul_ps(levels_256<BITS, half, t>(word, hiword, table), scale);
-        const int64_t row = k + 16 * half + t;
-        if constexpr (BF16) {
-          __m256i bits = _mm256_castps_si256(value);
-          __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-          bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-          // 8 dwords -> 8 words: pack within lanes, then gather the two lanes' low halves
-          __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + row * N + n0),
-                           _mm256_castsi256_si128(packed));
-        } else {
-          _mm256_storeu_ps(static_cast<float*>(out) + row * N + n0, value);
-        }
-      });
+void dequantize_chunk_256(int64_t k0, const int32_t* low, const int32_t* high, const float* scales,
+                          int64_t N, int64_t group, void* out, int64_t n0) {
+  const __m256 table = table_256<BITS>();
+  const __m256 scale = _mm256_loadu_ps(scales + (k0 / group) * 16);
+  const __m256i hiword = BITS == 3 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high + (k0 / 32) * 16))
+                                   : _mm256_setzero_si256();
+  unroll<2>([&](auto h) {
+    const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + (k0 / 16 + h) * 16));
+    unroll<16>([&](auto s) {
+      const __m256 value = _mm256_mul_ps(levels_256<BITS, h, s>(word, hiword, table), scale);
+      const int64_t row = k0 + 16 * h + s;
+      if constexpr (BF16) {
+        __m256i bits = _mm256_castps_si256(value);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+        // 8 dwords -> 8 words: pack within 128-bit lanes, then bring the two lanes' halves together
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + row * N + n0),
+                         _mm256_castsi256_si128(packed));
+      } else {
+        _mm256_storeu_ps(static_cast<float*>(out) + row * N + n0, value);
+      }
     });
-  }
+  });
 }
 
 #pragma GCC pop_options
 
 // ------------------------------------------------------------------------------------ dispatch
 
+// One block of 16 output rows, every row of x, in passes of up to ROWS rows. The plane and scale
+// pointers point at the block (blocked layout: 16 words per k-row, see check_planes).
 template <int BITS>
-void gemm_rows(Isa isa, const float* x, int64_t ldx, int64_t rows, int64_t K, const int32_t* low,
-               const int32_t* high, const float* scales, int64_t N, int64_t group, float* y, int64_t n0) {
-  for (int64_t m = 0; m < rows; m += kMaxRows) {
-    const int64_t count = std::min<int64_t>(kMaxRows, rows - m);
-    const float* xm = x + m * ldx;
+void gemm_block(Isa isa, const void* x, int64_t rows, int64_t K, const int32_t* low, const int32_t* high,
+                const float* scales, int64_t N, int64_t group, float* y, int64_t n0) {
+  const int64_t step = isa == Isa::kAvx2 ? kRows256 : kRows512;
+  for (int64_t m = 0; m < rows; m += step) {
+    const int64_t count = std::min<int64_t>(step, rows - m);
     float* ym = y + m * N;
-    unroll<kMaxRows>([&](auto r) {
-      if (count != r + 1) return;
-      if (isa == Isa::kAvx512) {
-        block_512<BITS, r + 1>(xm, ldx, K, low, high, scales, N, group, ym, N, n0);
-      } else {
-        block_256<BITS, r + 1>(xm, ldx, K, low, high, scales, N, group, ym, N, n0);
-        block_256<BITS, r + 1>(xm, ldx, K, low, high, scales, N, group, ym, N, n0 + 8);
+    unroll<kRows512>([&](auto r) {
+      constexpr int R = r + 1;
+      if (count != R) return;
+      if (isa == Isa::kAvx512Bf16) {
+        gemm_block_bf16<BITS, R>(static_cast<const uint16_t*>(x) + m * K, K, K, low, high, scales, N, group, ym, N, n0);
+      } else if (isa == Isa::kAvx512) {
+        gemm_block_512<BITS, R>(static_cast<const float*>(x) + m * K, K, K, low, high, scales, N, group, ym, N, n0);
+      } else if constexpr (R <= kRows256) {
+        const float* xm = static_cast<const float*>(x) + m * K;
+        gemm_block_256<BITS, R>(xm, K, K, low, high, scales, N, group, ym, N, n0);
+        gemm_block_256<BITS, R>(xm, K, K, low + 8, high ? high + 8 : nullptr, scales + 8, N, group, ym, N, n0 + 8);
       }
     });
   }
 }
 
+// Blocked layout (gsq_vllm/kernels/cpu_lowbit.py): each block of 16 output rows holds its words
+// contiguously, so one thread reads its block's codes front to back:
+//   low [N/16, K/16, 16] int32, high [N/16, K/32, 16] int32 (3-bit), scales [N/16, K/G, 16] fp32.
 void check_planes(const at::Tensor& low, const c10::optional<at::Tensor>& high, const at::Tensor& scales,
                   int64_t bits, int64_t group, int64_t K) {
   TORCH_CHECK(bits == 2 || bits == 3, "gsq_cpu: bits must be 2 or 3, got ", bits);
   TORCH_CHECK(group == 32 || group == 64 || group == 128, "gsq_cpu: group size must be 32, 64 or 128, got ", group);
-  TORCH_CHECK(low.dtype() == at::kInt && low.dim() == 2 && low.is_contiguous(), "gsq_cpu: low_plane must be contiguous int32 [K/16, N]");
-  const int64_t N = low.size(1);
-  TORCH_CHECK(N % 16 == 0, "gsq_cpu: N must be a multiple of 16, got ", N);
-  TORCH_CHECK(K % group == 0 && low.size(0) * 16 == K, "gsq_cpu: low_plane ", low.sizes(), " does not hold K = ", K, " in groups of ", group);
-  TORCH_CHECK(scales.dtype() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == K / group && scales.size(1) == N,
-              "gsq_cpu: scales must be contiguous fp32 [K/group, N] = [", K / group, ", ", N, "], got ", scales.sizes());
+  TORCH_CHECK(low.dtype() == at::kInt && low.dim() == 3 && low.size(2) == 16 && low.is_contiguous(),
+              "gsq_cpu: low_plane must be contiguous int32 [N/16, K/16, 16], got ", low.dtype(), " ", low.sizes());
+  const int64_t blocks = low.size(0);
+  TORCH_CHECK(K % group == 0 && low.size(1) * 16 == K, "gsq_cpu: low_plane ", low.sizes(), " does not hold K = ", K,
+              " in groups of ", group);
+  TORCH_CHECK(scales.dtype() == at::kFloat && scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == blocks &&
+                  scales.size(1) == K / group && scales.size(2) == 16,
+              "gsq_cpu: scales must be contiguous fp32 [N/16, K/group, 16] = [", blocks, ", ", K / group, ", 16], got ",
+              scales.dtype(), " ", scales.sizes());
   if (bits == 3) {
-    TORCH_CHECK(high.has_value() && high->dtype() == at::kInt && high->is_contiguous() && high->dim() == 2 &&
-                    high->size(0) * 32 == K && high->size(1) == N,
-                "gsq_cpu: 3-bit weights need a contiguous int32 high_plane [K/32, N]");
+    TORCH_CHECK(high.has_value() && high->dtype() == at::kInt && high->is_contiguous() && high->dim() == 3 &&
+                    high->size(0) == blocks && high->size(1) * 32 == K && high->size(2) == 16,
+                "gsq_cpu: 3-bit weights need a contiguous int32 high_plane [N/16, K/32, 16]");
   } else {
     TORCH_CHECK(!high.has_value(), "gsq_cpu: a high_plane comes with 3-bit weights only");
   }
@@ -288,64 +424,109 @@ Isa usable_isa() {
 at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& low, const c10::optional<at::Tensor>& high,
                      const at::Tensor& scales, int64_t bits, int64_t group) {
   TORCH_CHECK(x.dim() == 2, "gsq_cpu: x must be 2-D [M, K], got ", x.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = low.size(1);
+  const int64_t M = x.size(0), K = x.size(1), N = low.size(0) * 16;
   check_planes(low, high, scales, bits, group, K);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "gsq_cpu: x must be fp32, bf16 or fp16, got ", x.scalar_type());
-  const Isa isa = usable_isa();
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({M, N}, xf.options());
-  const float* xp = xf.data_ptr<float>();
+  Isa isa = usable_isa();
+  if (isa == Isa::kAvx512Bf16 && x.scalar_type() != at::kBFloat16) isa = Isa::kAvx512;
+  // the bf16 path reads bf16 x as it is; the fp32 paths read fp32 (bf16/fp16 widened, exactly)
+  const at::Tensor xin = isa == Isa::kAvx512Bf16 ? x.contiguous() : x.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const void* xp = xin.data_ptr();
   const int32_t* lp = low.data_ptr<int32_t>();
   const int32_t* hp = bits == 3 ? high->data_ptr<int32_t>() : nullptr;
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t blocks = N / 16;
-  // each block of 16 rows reads 16 * K / 4 bytes or more of codes: a few blocks per task
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  // a task is a few blocks of 16 output rows: at least ~16 KiB of codes
+  const int64_t grain = std::max<int64_t>(1, 16384 * 8 / (16 * bits * std::max<int64_t>(K, 1)));
+  at::parallel_for(0, N / 16, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
+      const int32_t* lb = lp + b * K;  // K/16 words of 16 lanes
+      const int32_t* hb = hp ? hp + b * (K / 2) : nullptr;
+      const float* sb = sp + b * (K / group) * 16;
       if (bits == 2) {
-        gemm_rows<2>(isa, xp, K, M, K, lp, hp, sp, N, group, yp, 16 * b);
+        gemm_block<2>(isa, xp, M, K, lb, hb, sb, N, group, yp, 16 * b);
       } else {
-        gemm_rows<3>(isa, xp, K, M, K, lp, hp, sp, N, group, yp, 16 * b);
+        gemm_block<3>(isa, xp, M, K, lb, hb, sb, N, group, yp, 16 * b);
       }
     }
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-at::Tensor lowbit_dequantize_t(const at::Tensor& low, const c10::optional<at::Tensor>& high, const at::Tensor& scales,
-                               int64_t bits, int64_t group, at::ScalarType dtype) {
-  const int64_t K = low.size(0) * 16, N = low.size(1);
-  check_planes(low, high, scales, bits, group, K);
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "gsq_cpu: dequantise to fp32 or bf16, got ", dtype);
+// wt [K, N] (fp32 or bf16, contiguous) = the weight, transposed.
+void dequantize_into(const at::Tensor& low, const c10::optional<at::Tensor>& high, const at::Tensor& scales,
+                     int64_t bits, int64_t group, at::Tensor& out) {
+  const int64_t K = low.size(1) * 16, N = low.size(0) * 16;
   const Isa isa = usable_isa();
-  at::Tensor out = at::empty({K, N}, low.options().dtype(dtype));
   const int32_t* lp = low.data_ptr<int32_t>();
   const int32_t* hp = bits == 3 ? high->data_ptr<int32_t>() : nullptr;
   const float* sp = scales.data_ptr<float>();
   void* op = out.data_ptr();
-  const bool bf16 = dtype == at::kBFloat16;
-  at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = 16 * b;
-      unroll<2>([&](auto three) {
-        unroll<2>([&](auto half) {
-          constexpr int B = three ? 3 : 2;
-          constexpr bool H = half;
-          if ((bits == 3) != bool(three) || bf16 != H) return;
-          if (isa == Isa::kAvx512) {
-            dequantize_block_512<B, H>(K, lp, hp, sp, N, group, op, n0);
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  // a task is a chunk of 32 input rows across every output: the stores run along whole rows of wt
+  // (a block of 16 outputs down all K would store at a power-of-two stride, which thrashes L1)
+  const int64_t blocks = N / 16;
+  at::parallel_for(0, K / 32, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t k0 = 32 * chunk;
+      for (int64_t b = 0; b < blocks;) {
+        const int32_t* lb = lp + b * K;
+        const int32_t* hb = hp ? hp + b * (K / 2) : nullptr;
+        const float* sb = sp + b * (K / group) * 16;
+        const bool pair = isa != Isa::kAvx2 && bf16 && b + 1 < blocks;
+        unroll<4>([&](auto variant) {
+          constexpr int B = variant / 2 ? 3 : 2;
+          constexpr bool H = variant % 2;
+          if (bits != B || bf16 != H) return;
+          if (isa == Isa::kAvx2) {
+            dequantize_chunk_256<B, H>(k0, lb, hb, sb, N, group, op, 16 * b);
+            dequantize_chunk_256<B, H>(k0, lb + 8, hb ? hb + 8 : nullptr, sb + 8, N, group, op, 16 * b + 8);
+          } else if (pair && isa == Isa::kAvx512Bf16) {
+            dequantize_pair_bf16<B>(k0, lb, hb, sb, K, group, N, op, 16 * b);
+          } else if (pair) {
+            dequantize_chunk_512<B, H, 2>(k0, lb, hb, sb, K, group, N, op, 16 * b);
           } else {
-            dequantize_block_256<B, H>(K, lp, hp, sp, N, group, op, n0);
-            dequantize_block_256<B, H>(K, lp, hp, sp, N, group, op, n0 + 8);
+            dequantize_chunk_512<B, H, 1>(k0, lb, hb, sb, K, group, N, op, 16 * b);
           }
         });
-      });
+        b += pair ? 2 : 1;
+      }
     }
   });
+}
+
+at::Tensor lowbit_dequantize_t(const at::Tensor& low, const c10::optional<at::Tensor>& high, const at::Tensor& scales,
+                               int64_t bits, int64_t group, at::ScalarType dtype) {
+  const int64_t K = low.size(1) * 16, N = low.size(0) * 16;
+  check_planes(low, high, scales, bits, group, K);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "gsq_cpu: dequantise to fp32 or bf16, got ", dtype);
+  at::Tensor out = at::empty({K, N}, low.options().dtype(dtype));
+  dequantize_into(low, high, scales, bits, group, out);
   return out;
+}
+
+// y = x @ wt for many rows: the weight is rebuilt into a scratch buffer kept between calls (a fresh
+// allocation of that size costs a page fault per 4 KiB, more than the rebuild itself), then one
+// dense GEMM (oneDNN). The buffer never leaves this op, so a compiled graph cannot see it aliased.
+at::Tensor lowbit_dense_mm(const at::Tensor& x, const at::Tensor& low, const c10::optional<at::Tensor>& high,
+                           const at::Tensor& scales, int64_t bits, int64_t group) {
+  TORCH_CHECK(x.dim() == 2, "gsq_cpu: x must be 2-D [M, K], got ", x.sizes());
+  const int64_t K = x.size(1), N = low.size(0) * 16;
+  check_planes(low, high, scales, bits, group, K);
+  const at::ScalarType dtype = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  static std::mutex mutex;
+  static at::Tensor scratch;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!scratch.defined() || scratch.scalar_type() != dtype || scratch.numel() < K * N) {
+    scratch = at::Tensor();  // free the old one first
+    scratch = at::empty({K * N}, low.options().dtype(dtype));
+  }
+  at::Tensor wt = scratch.narrow(0, 0, K * N).view({K, N});
+  dequantize_into(low, high, scales, bits, group, wt);
+  at::Tensor y = at::mm(x.to(dtype), wt);
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
 std::string isa() { return isa_name(detect_isa()); }
@@ -355,10 +536,12 @@ std::string isa() { return isa_name(detect_isa()); }
 TORCH_LIBRARY(gsq_cpu, m) {
   m.def("lowbit_mm(Tensor x, Tensor low_plane, Tensor? high_plane, Tensor scales, int bits, int group_size) -> Tensor");
   m.def("lowbit_dequantize_t(Tensor low_plane, Tensor? high_plane, Tensor scales, int bits, int group_size, ScalarType dtype) -> Tensor");
+  m.def("lowbit_dense_mm(Tensor x, Tensor low_plane, Tensor? high_plane, Tensor scales, int bits, int group_size) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
 TORCH_LIBRARY_IMPL(gsq_cpu, CPU, m) {
   m.impl("lowbit_mm", &lowbit_mm);
   m.impl("lowbit_dequantize_t", &lowbit_dequantize_t);
+  m.impl("lowbit_dense_mm", &lowbit_dense_mm);
 }

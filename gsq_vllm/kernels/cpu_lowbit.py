@@ -2,13 +2,18 @@
 
 The int4 container (PyTorch's or vLLM's 4-bit CPU GEMM) widens every 2/3-bit code to 4 bits, so a
 2-bit layer moves as many bytes as a 4-bit one. These kernels (C++, ``cpu_lowbit.cpp`` beside this
-file, AVX-512F or AVX2+FMA chosen per call) read the same bit planes the Triton kernels read
-(:func:`gsq_vllm.kernels.planes.pack_kernel_planes`): 2 bits per weight at 2 bits, 3 at 3 bits.
+file; AVX-512 BF16, AVX-512F or AVX2+FMA chosen per call) read bit planes like the Triton kernels'
+in their own slot order (:func:`gsq_vllm.kernels.planes.pack_kernel_planes` with
+``layout="cpu"``, stored in blocks of 16 output rows): 2 bits per weight at 2 bits, 3 at 3 bits.
 
-* ``torch.ops.gsq_cpu.lowbit_mm(x [M, K], low, high, scales [K/G, N] fp32, bits, G) -> [M, N]``:
-  fp32 arithmetic (bf16/fp16 activations are widened), for decode-sized M.
+* ``torch.ops.gsq_cpu.lowbit_mm(x [M, K], low, high, scales, bits, G) -> [M, N]``:
+  fp32 accumulation, for decode-sized M; bf16 activations on AVX-512 BF16 CPUs go through the
+  bf16 dot-product instruction (exact products), every other case widens them to fp32.
+* ``torch.ops.gsq_cpu.lowbit_dense_mm(x, low, high, scales, bits, G) -> [M, N]``: for large M
+  (prefill): the weight rebuilt in one pass into a scratch buffer the op keeps, then PyTorch's
+  dense GEMM (bf16 x: a bf16 GEMM; otherwise fp32).
 * ``torch.ops.gsq_cpu.lowbit_dequantize_t(low, high, scales, bits, G, dtype) -> [K, N]``: the
-  weight, transposed, in one pass: large M multiply it with a dense GEMM.
+  weight, transposed, fp32 or bf16 (tests, inspection).
 
 Both are registered torch ops with fake implementations, so a compiled vLLM graph keeps them as
 single nodes. The extension is compiled once per machine with PyTorch's C++ extension builder
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from gsq_vllm.kernels.planes import pack_kernel_planes
+from gsq_vllm.kernels.planes import block_rows, pack_kernel_planes
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +79,15 @@ def _load() -> str | None:
 def _register_fakes() -> None:
     @torch.library.register_fake("gsq_cpu::lowbit_mm")
     def _(x, low_plane, high_plane, scales, bits, group_size):
-        return x.new_empty(x.shape[0], low_plane.shape[1])
+        return x.new_empty(x.shape[0], low_plane.shape[0] * 16)
+
+    @torch.library.register_fake("gsq_cpu::lowbit_dense_mm")
+    def _(x, low_plane, high_plane, scales, bits, group_size):
+        return x.new_empty(x.shape[0], low_plane.shape[0] * 16)
 
     @torch.library.register_fake("gsq_cpu::lowbit_dequantize_t")
     def _(low_plane, high_plane, scales, bits, group_size, dtype):
-        return low_plane.new_empty(low_plane.shape[0] * 16, low_plane.shape[1], dtype=dtype)
+        return low_plane.new_empty(low_plane.shape[1] * 16, low_plane.shape[0] * 16, dtype=dtype)
 
 
 def unavailable_reason() -> str | None:
@@ -87,8 +96,8 @@ def unavailable_reason() -> str | None:
 
 
 def isa() -> str:
-    """The instruction set the kernels use now: ``avx512`` or ``avx2`` (``GSQ_VLLM_CPU_ISA=avx2``
-    forces the AVX2 path on an AVX-512 CPU)."""
+    """The best instruction set the kernels use now: ``avx512-bf16``, ``avx512`` or ``avx2``
+    (``GSQ_VLLM_CPU_ISA=avx512`` / ``avx2`` forces a lesser path, for tests)."""
     _require()
     return torch.ops.gsq_cpu.isa()
 
@@ -116,9 +125,9 @@ def shape_problem(n: int, k: int, bits: int, group_size: int) -> str | None:
 class CPUPackedWeight:
     """A layer's weight as the native CPU kernels read it (built once at load time)."""
 
-    low_plane: torch.Tensor  # int32 [K / 16, N]
-    high_plane: torch.Tensor | None  # int32 [K / 32, N], 3-bit only
-    scales: torch.Tensor  # fp32 [K / group_size, N]
+    low_plane: torch.Tensor  # int32 [N / 16, K / 16, 16]
+    high_plane: torch.Tensor | None  # int32 [N / 16, K / 32, 16], 3-bit only
+    scales: torch.Tensor  # fp32 [N / 16, K / group_size, 16]
     bits: int
     group_size: int
 
@@ -129,15 +138,22 @@ def prepare(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: in
     problem = shape_problem(n, k, bits, group_size)
     if problem:
         raise ValueError(f"the native CPU kernels cannot take this weight: {problem}")
-    low, high = pack_kernel_planes(codes, bits)
-    return CPUPackedWeight(low.contiguous(), None if high is None else high.contiguous(),
-                           scales.to(torch.float32).t().contiguous(), bits, group_size)
+    low, high = pack_kernel_planes(codes, bits, layout="cpu")
+    return CPUPackedWeight(block_rows(low), None if high is None else block_rows(high),
+                           block_rows(scales.to(torch.float32).t()), bits, group_size)
 
 
 def lowbit_mm(x: torch.Tensor, weight: CPUPackedWeight) -> torch.Tensor:
     """``x [M, K] @ weight.T`` in fp32 arithmetic, returned in ``x.dtype``."""
     _require()
     return torch.ops.gsq_cpu.lowbit_mm(x, weight.low_plane, weight.high_plane, weight.scales, weight.bits, weight.group_size)
+
+
+def dense_mm(x: torch.Tensor, weight: CPUPackedWeight) -> torch.Tensor:
+    """``x [M, K] @ weight.T`` through the rebuilt weight and a dense GEMM, in ``x.dtype``."""
+    _require()
+    return torch.ops.gsq_cpu.lowbit_dense_mm(x, weight.low_plane, weight.high_plane, weight.scales, weight.bits,
+                                             weight.group_size)
 
 
 def dequantize_t(weight: CPUPackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The bit planes the GSQ Triton kernels read, built once at load time from checkpoint codes."""
+"""The bit planes the GSQ kernels (Triton and CPU) read, built once at load time from checkpoint codes."""
 
 from __future__ import annotations
 
@@ -23,6 +23,19 @@ from gsq_vllm.weight_format import SERVED_BITS
 #
 # K must be a multiple of 32 (3-bit), 16 (2-bit) or 8 (4-bit); every group size the kernels take
 # (32, 64, 128) makes it so.
+#
+# The CPU kernels (cpu_lowbit.cpp) read the same words with the slots in another order, the
+# ``cpu`` layout (2/3-bit only): even and odd codes side by side in the two 16-bit halves, so one
+# 16-bit shift puts a code pair (k, k+1) in the low bits of both halves (a bf16 pair for the dot
+# product instruction), and one 32-bit shift puts any single code in the low bits:
+#
+# * low plane: ``i = k % 16``; even ``i = 2j`` at bit ``2j``, odd ``i = 2j + 1`` at bit ``16 + 2j``.
+# * high plane: ``c = k % 32``, ``h = c // 16``, ``i = c % 16 = 2j + p``; at bit ``16p + 8h + j``.
+#
+# and stored in blocks of 16 output rows (:func:`block_rows`): ``[N // 16, words, 16]``, so that
+# one CPU thread reads its rows' words front to back instead of one 64-byte piece per 4 KiB page.
+
+PLANE_LAYOUTS = ("triton", "cpu")
 
 KERNEL_BITS = SERVED_BITS  # the Triton kernels take every width the plugin serves
 _KERNEL_ROW_CHUNK = 2048  # output rows repacked at once: bounds the int64 scratch memory
@@ -36,14 +49,16 @@ def kernel_plane_codes_per_word(num_bits: int) -> tuple[int, ...]:
 
 
 def pack_kernel_planes(
-    codes: torch.Tensor, num_bits: int
+    codes: torch.Tensor, num_bits: int, layout: str = "triton"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Signed codes ``[N, K]`` -> ``(low_plane, high_plane)`` in the kernel layout above.
+    """Signed codes ``[N, K]`` -> ``(low_plane, high_plane)`` in the kernel layout above
+    (``layout="cpu"``: the CPU kernels' slot order, 2/3-bit only).
 
     ``low_plane`` is int32 ``[K // 16, N]`` (``[K // 8, N]`` for 4-bit); ``high_plane`` is int32
     ``[K // 32, N]`` for 3-bit and None otherwise.
     """
     per_word = kernel_plane_codes_per_word(num_bits)
+    _check_layout(layout, num_bits)
     if codes.ndim != 2 or codes.is_floating_point() or codes.is_complex():
         raise PackingError(
             f"codes must be a 2-D integer tensor [N, K], got {codes.dtype} {tuple(codes.shape)}"
@@ -69,20 +84,21 @@ def pack_kernel_planes(
     for start in range(0, rows, _KERNEL_ROW_CHUNK):
         unsigned = codes[start : start + _KERNEL_ROW_CHUNK].to(torch.int64).t() - low  # [K, n]
         low_plane[:, start : start + _KERNEL_ROW_CHUNK] = _pack_plane(
-            unsigned & ((1 << low_bits) - 1), _plane_shifts(low_bits, unsigned.device)
+            unsigned & ((1 << low_bits) - 1), _plane_shifts(low_bits, unsigned.device, layout)
         )
         if high_plane is not None:
             high_plane[:, start : start + _KERNEL_ROW_CHUNK] = _pack_plane(
-                unsigned >> 2, _plane_shifts(1, unsigned.device)
+                unsigned >> 2, _plane_shifts(1, unsigned.device, layout)
             )
     return low_plane, high_plane
 
 
 def unpack_kernel_planes(
-    low_plane: torch.Tensor, high_plane: torch.Tensor | None, num_bits: int
+    low_plane: torch.Tensor, high_plane: torch.Tensor | None, num_bits: int, layout: str = "triton"
 ) -> torch.Tensor:
     """Exact inverse of :func:`pack_kernel_planes`: the planes -> signed int8 codes ``[N, K]``."""
     per_word = kernel_plane_codes_per_word(num_bits)
+    _check_layout(layout, num_bits)
     if low_plane.dtype != torch.int32 or low_plane.ndim != 2:
         raise PackingError(
             f"low_plane must be 2-D int32, got {low_plane.dtype} {tuple(low_plane.shape)}"
@@ -99,16 +115,37 @@ def unpack_kernel_planes(
             f"{high_plane.dtype} {tuple(high_plane.shape)}"
         )
     low_bits = 2 if num_bits in (2, 3) else 4
-    unsigned = _unpack_plane(low_plane, low_bits, _plane_shifts(low_bits, low_plane.device))
+    unsigned = _unpack_plane(low_plane, low_bits, _plane_shifts(low_bits, low_plane.device, layout))
     if high_plane is not None:
-        high = _unpack_plane(high_plane, 1, _plane_shifts(1, high_plane.device))
+        high = _unpack_plane(high_plane, 1, _plane_shifts(1, high_plane.device, layout))
         unsigned = unsigned | (high << 2)
     return (unsigned + code_range(num_bits)[0]).t().contiguous().to(torch.int8)
 
 
-def _plane_shifts(plane_bits: int, device: torch.device) -> torch.Tensor:
+def block_rows(words: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """``[R, N]`` (N contiguous) -> ``[N // block, R, block]``: each block of ``block`` columns
+    (output rows) made contiguous. The CPU kernels' planes and scales are stored so."""
+    rows, cols = words.shape
+    if cols % block:
+        raise PackingError(f"{cols} output rows do not split into blocks of {block}")
+    return words.reshape(rows, cols // block, block).permute(1, 0, 2).contiguous()
+
+
+def _check_layout(layout: str, num_bits: int) -> None:
+    if layout not in PLANE_LAYOUTS:
+        raise PackingError(f"unknown plane layout {layout!r}; expected one of {PLANE_LAYOUTS}")
+    if layout == "cpu" and num_bits not in (2, 3):
+        raise PackingError(f"the cpu plane layout holds 2/3-bit codes, got {num_bits}-bit")
+
+
+def _plane_shifts(plane_bits: int, device: torch.device, layout: str = "triton") -> torch.Tensor:
     """Bit offset of each code slot within its word (the 1-bit plane's order is permuted)."""
     slot = torch.arange(32 // plane_bits, dtype=torch.int64, device=device)
+    if layout == "cpu":
+        if plane_bits == 1:
+            half, pair, parity = slot // 16, (slot % 16) // 2, slot % 2
+            return 16 * parity + 8 * half + pair
+        return 16 * (slot % 2) + 2 * (slot // 2)
     if plane_bits == 1:
         return 16 * (slot // 16) + 2 * (slot % 8) + (slot % 16) // 8
     return slot * plane_bits

@@ -18,16 +18,17 @@ REASON = cpu_lowbit.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native CPU kernels unavailable: {REASON}")
 
 
+ISAS = ["avx512-bf16", "avx512", "avx2"]  # best first; each CPU runs its own and every lesser one
+
+
 def _isas() -> list[str]:
-    if REASON is not None:
-        return ["avx2"]
-    return ["avx512", "avx2"] if cpu_lowbit.isa() == "avx512" else ["avx2"]
+    return ISAS[ISAS.index(cpu_lowbit.isa()):] if REASON is None else ["avx2"]
 
 
 @pytest.fixture(params=_isas())
 def isa(request, monkeypatch) -> str:
-    if request.param == "avx2":
-        monkeypatch.setenv("GSQ_VLLM_CPU_ISA", "avx2")
+    if request.param != ISAS[0]:
+        monkeypatch.setenv("GSQ_VLLM_CPU_ISA", request.param)
     assert cpu_lowbit.isa() == request.param
     return request.param
 
@@ -35,12 +36,25 @@ def isa(request, monkeypatch) -> str:
 @pytest.mark.parametrize("bits", [2, 3])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("m", [1, 3, 4, 9])
-def test_lowbit_mm_is_bit_identical_to_dequantise_then_matmul_in_fp32(isa, bits, group_size, m):
-    codes, scales, x = exact_problem(m, 48, 256, bits, group_size, torch.float32, seed=bits * 100 + m, scale_dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lowbit_mm_is_bit_identical_to_dequantise_then_matmul_in_fp32(isa, bits, group_size, m, dtype):
+    """Exactly representable inputs (see exact_problem): any correct kernel equals the reference
+    bit for bit, whatever its order of additions; bf16 x takes the dot-product path where present."""
+    codes, scales, x = exact_problem(m, 48, 256, bits, group_size, dtype, seed=bits * 100 + m, scale_dtype=torch.float32)
     weight = cpu_lowbit.prepare(codes, scales, bits, group_size)
     out = cpu_lowbit.lowbit_mm(x, weight)
-    assert out.dtype == torch.float32 and out.shape == (m, 48)
+    assert out.dtype == dtype and out.shape == (m, 48)
     assert torch.equal(out, reference_matmul(x, codes, scales, group_size))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dense_mm_for_large_batches_is_bit_identical_too(isa, bits, dtype):
+    codes, scales, x = exact_problem(70, 96, 384, bits, 64, dtype, seed=bits, scale_dtype=torch.float32)
+    weight = cpu_lowbit.prepare(codes, scales, bits, 64)
+    for rows in (70, 20):  # the second, smaller call reuses the op's scratch buffer
+        out = cpu_lowbit.dense_mm(x[:rows], weight)
+        assert out.dtype == dtype and torch.equal(out, reference_matmul(x[:rows], codes, scales, 64))
 
 
 @pytest.mark.parametrize("bits", [2, 3])
@@ -87,7 +101,7 @@ def test_shapes_the_kernels_cannot_take_are_refused_with_the_reason(n, k, bits, 
 def test_the_op_checks_its_tensors():
     codes, scales, x = exact_problem(2, 32, 128, 3, 64, torch.float32, scale_dtype=torch.float32)
     weight = cpu_lowbit.prepare(codes, scales, 3, 64)
-    with pytest.raises(RuntimeError, match="3-bit weights need a contiguous int32 high_plane"):
+    with pytest.raises(RuntimeError, match=r"3-bit weights need a contiguous int32 high_plane \[N/16, K/32, 16\]"):
         torch.ops.gsq_cpu.lowbit_mm(x, weight.low_plane, None, weight.scales, 3, 64)
     with pytest.raises(RuntimeError, match="scales must be contiguous fp32"):
         torch.ops.gsq_cpu.lowbit_mm(x, weight.low_plane, weight.high_plane, weight.scales.half(), 3, 64)

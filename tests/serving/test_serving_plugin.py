@@ -309,8 +309,13 @@ def test_marlin_config_channel_wise_becomes_minus_one():
 def test_selector_default_forced_and_reasons(vllm_tp1, monkeypatch):
     from gsq_vllm.serving.linear_kernels import GSQKernelSelectionError, choose_gsq_kernel
 
+    from gsq_vllm.kernels import cpu_lowbit
+
     monkeypatch.delenv(KERNEL_ENV, raising=False)
-    assert choose_gsq_kernel(layer_config(576, 192, 3)).name == "torch-int4"
+    # GSQ's C++ kernels where they build, else PyTorch's int4 GEMM; 4-bit layers always the latter
+    default = "torch-int4" if cpu_lowbit.unavailable_reason() else "cpu-lowbit"
+    assert choose_gsq_kernel(layer_config(576, 192, 3)).name == default
+    assert choose_gsq_kernel(layer_config(576, 192, 4)).name == "torch-int4"
     # N not a multiple of 16: no int4 kernel fits, the dense fallback does
     assert choose_gsq_kernel(layer_config(576, 200, 3)).name in ("cpu-wna16", "dequant")
     monkeypatch.setenv(KERNEL_ENV, "dequant")

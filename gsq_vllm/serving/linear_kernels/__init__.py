@@ -44,10 +44,11 @@ ALL_KERNELS: list[type[GSQLinearKernel]] = [
 ]
 KERNELS_BY_NAME = {kernel.name: kernel for kernel in ALL_KERNELS}
 
-# In order of preference. On the CPU PyTorch's int4 GEMM comes first: it exists in every build,
-# while vLLM's cpu_gemm_wna16 is compiled for AVX-512 only.
+# In order of preference. On the CPU GSQ's own C++ kernels come first (2/3 bits a weight in memory,
+# AVX-512 or AVX2; refused where they cannot be built), then PyTorch's int4 GEMM, which exists in
+# every build, while vLLM's cpu_gemm_wna16 is compiled for AVX-512 only.
 PLATFORM_KERNELS: dict[str, list[type[GSQLinearKernel]]] = {
-    "cpu": [GSQTorchInt4CPULinearKernel, GSQCPUWNA16LinearKernel, GSQDequantLinearKernel],
+    "cpu": [GSQCPULowbitLinearKernel, GSQTorchInt4CPULinearKernel, GSQCPUWNA16LinearKernel, GSQDequantLinearKernel],
     "cuda": [GSQMarlinLinearKernel, GSQTritonLinearKernel, GSQDequantLinearKernel],
     "rocm": [GSQTritonLinearKernel, GSQDequantLinearKernel],
     "other": [GSQDequantLinearKernel],

@@ -8,8 +8,8 @@ Per call, by the number of rows (tokens) M:
 
 * ``M < dense_from_rows``: ``gsq_cpu::lowbit_mm``, which decodes the planes in registers (decode,
   small batches: bytes dominate);
-* larger M (prefill, large batches): ``gsq_cpu::lowbit_dequantize_t`` rebuilds the layer's weight
-  in the activation dtype in one pass, for this call only, and PyTorch's dense GEMM (oneDNN)
+* larger M (prefill, large batches): ``gsq_cpu::lowbit_dense_mm`` rebuilds the layer's weight in
+  one pass into a scratch buffer shared by every layer, and PyTorch's dense GEMM (oneDNN)
   multiplies it: the rebuild is amortised over the rows, and no second copy stays resident.
 
 The crossover ``DENSE_FROM_ROWS`` is measured by ``benchmarks/cpu_linear.py``.
@@ -25,7 +25,8 @@ from gsq_vllm.kernels import cpu_lowbit
 from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel, register
 
 #: rows from which a call rebuilds the weight and runs a dense GEMM instead of the low-bit kernel
-DENSE_FROM_ROWS = {torch.float32: 8, torch.bfloat16: 16, torch.float16: 16}
+#: (measured on the default model's layer shapes, 2-core AVX-512 BF16 machine: see the issue-14 note)
+DENSE_FROM_ROWS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 32}
 
 
 class GSQCPULowbitLinearKernel(GSQLinearKernel):
@@ -52,8 +53,6 @@ class GSQCPULowbitLinearKernel(GSQLinearKernel):
             register(layer, "gsq_high_plane", weight.high_plane)
         register(layer, "gsq_scales_t", weight.scales)
         self.dense_from_rows = DENSE_FROM_ROWS[self.config.act_type]
-        # the dense GEMM's operand dtype: bf16 stays bf16 (oneDNN's bf16 GEMM), the rest fp32
-        self.dense_dtype = torch.bfloat16 if self.config.act_type == torch.bfloat16 else torch.float32
 
     def uses_dense(self, rows: int) -> bool:
         """Whether a call with ``rows`` rows rebuilds the weight for a dense GEMM."""
@@ -62,17 +61,10 @@ class GSQCPULowbitLinearKernel(GSQLinearKernel):
     def apply_weights(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        op = torch.ops.gsq_cpu.lowbit_dense_mm if self.uses_dense(rows.shape[0]) else torch.ops.gsq_cpu.lowbit_mm
         high = getattr(layer, "gsq_high_plane", None)
-        if self.uses_dense(rows.shape[0]):
-            weight_t = torch.ops.gsq_cpu.lowbit_dequantize_t(
-                layer.gsq_low_plane, high, layer.gsq_scales_t, self.num_bits, self.group_size, self.dense_dtype
-            )
-            out = torch.mm(rows.to(self.dense_dtype), weight_t).to(x.dtype)
-        else:
-            out = torch.ops.gsq_cpu.lowbit_mm(
-                rows.contiguous(), layer.gsq_low_plane, high, layer.gsq_scales_t, self.num_bits, self.group_size
-            )
+        out = op(rows, layer.gsq_low_plane, high, layer.gsq_scales_t, self.num_bits, self.group_size)
         if bias is not None:
             out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
