@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from gsq_vllm.files import write_json_atomic
 from gsq_vllm.machine import cpu_description
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="model[:kernel] filters, e.g. bf16 gsq-w2:torch-int4")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    parser.add_argument("--from-log", type=Path, help="write the results file from the records a run printed "
+                        "(a run whose final write failed), instead of running")
     args = parser.parse_args(argv)
     if args.child:
         spec = json.loads(args.child)
@@ -255,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     if not probe_lines:
         raise SystemExit(f"kernel probe failed:\n{probe_run.stderr[-3000:]}")
     probe = json.loads(probe_lines[-1][len("PROBE ") :])
+    if args.from_log:
+        printed = [line.strip() for line in args.from_log.read_text().splitlines() if line.startswith("   {")]
+        results = [json.loads(line) for line in printed]
+        note = f"{args.note} (records taken from the printed log of that run)".strip()
+        return write_results(args.out, probe, results, note, None)
     configs = configurations(probe)
     if args.only:
         keep = lambda c: any(  # noqa: E731
@@ -272,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         record = run_config(config, log_dir)
         print("   " + json.dumps(record), flush=True)
         results.append(record)
-    out = args.out / f"serve_{probe['device']}.json"
+    return write_results(args.out, probe, results, args.note, round(time.perf_counter() - began, 1))
+
+
+def write_results(folder: Path, probe: dict, results: list[dict], note: str, wall_s: float | None) -> int:
+    out = folder / f"serve_{probe['device']}.json"
     payload = {
         "device": probe["device"],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -287,11 +299,12 @@ def main(argv: list[str] | None = None) -> int:
             "prefix_caching": False,
         },
         "kernels": probe["kernels"],
-        "note": args.note,
-        "wall_s": round(time.perf_counter() - began, 1),
+        "note": note,
+        "wall_s": wall_s,
         "results": results,
     }
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, payload)
     print(format_table(results))
     print(f"written {out}")
     return 0
