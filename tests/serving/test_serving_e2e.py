@@ -37,6 +37,13 @@ FP32_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]
 _served: dict[str, list[list[int]]] = {}
 
 
+
+def default_cpu_kernel() -> str:
+    """The plugin's CPU default for 2/3-bit layers: GSQ's C++ kernels where they build."""
+    from gsq_vllm.kernels import cpu_lowbit
+
+    return "torch-int4" if cpu_lowbit.unavailable_reason() else "cpu-lowbit"
+
 def serve_greedy(kind: str, tmp_path) -> tuple[list[list[int]], str]:
     model = get_checkpoint(kind)
     prompts = prompt_ids(model)
@@ -53,7 +60,7 @@ def test_vllm_serve_matches_transformers(kind, bits, tmp_path):
     assert {layer.quant.num_bits for layer in inspect_checkpoint(model).layers.values()} == {bits}
     served, log = serve_greedy(kind, tmp_path)
     assert "GSQ plugin serves this compressed-tensors checkpoint" in log
-    assert "GSQ: using kernel torch-int4" in log, log[-3000:]
+    assert f"GSQ: using kernel {default_cpu_kernel()}" in log, log[-3000:]
     problems = compare_greedy(served, transformers_greedy(model, prompt_ids(model)))
     assert not problems, "\n".join(problems)
 
@@ -119,7 +126,7 @@ def test_mixed_widths_serve_with_the_plugin_kernels(tmp_path):
     widths = {name.rsplit(".", 1)[-1]: layer.quant.num_bits for name, layer in inspect_checkpoint(model).layers.items()}
     assert widths == {"q_proj": 4, "k_proj": 4, "v_proj": 4, "o_proj": 4, "gate_proj": 2, "up_proj": 2, "down_proj": 2}
     served, log = serve_greedy("mixed-w2-w4", tmp_path)
-    assert "GSQ: using kernel torch-int4 for 4-bit layers" in log and "GSQ: using kernel torch-int4 for 2-bit layers" in log
+    assert "GSQ: using kernel torch-int4 for 4-bit layers" in log and f"GSQ: using kernel {default_cpu_kernel()} for 2-bit layers" in log
     problems = compare_greedy(served, transformers_greedy(model, prompt_ids(model)))
     assert not problems, "\n".join(problems)
 
