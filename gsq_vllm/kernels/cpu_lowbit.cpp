@@ -249,30 +249,6 @@ void gemm_block_bf16(const uint16_t* x, int64_t ldx, int64_t K, const int32_t* l
   for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(y + r * ldy + n0, total[r]);
 }
 
-// wt[k0:k0+32][n0:n0+32] in bf16 for two blocks: as dequantize_chunk_512<BITS, true, 2>, with one
-// conversion instruction for 32 values instead of six integer operations per 16.
-template <int BITS>
-void dequantize_pair_bf16(int64_t k0, const int32_t* low, const int32_t* high, const float* scales,
-                          int64_t K, int64_t group, int64_t N, void* out, int64_t n0) {
-  const __m512 table = table_512<BITS>();
-  __m512 scale[2];
-  __m512i hiword[2];
-  for (int b = 0; b < 2; ++b) {
-    scale[b] = _mm512_loadu_ps(scales + b * (K / group) * 16 + (k0 / group) * 16);
-    hiword[b] = BITS == 3 ? _mm512_loadu_si512(high + b * (K / 2) + (k0 / 32) * 16) : _mm512_setzero_si512();
-  }
-  unroll<2>([&](auto h) {
-    const __m512i word0 = _mm512_loadu_si512(low + (k0 / 16 + h) * 16);
-    const __m512i word1 = _mm512_loadu_si512(low + K + (k0 / 16 + h) * 16);
-    unroll<16>([&](auto s) {
-      const __m512 first = _mm512_mul_ps(levels_512<BITS, h, s>(word0, hiword[0], table), scale[0]);
-      const __m512 second = _mm512_mul_ps(levels_512<BITS, h, s>(word1, hiword[1], table), scale[1]);
-      const __m512bh both = _mm512_cvtne2ps_pbh(second, first);  // low half: first
-      _mm512_storeu_si512(static_cast<uint16_t*>(out) + (k0 + 16 * h + s) * N + n0, (__m512i)both);
-    });
-  });
-}
-
 #pragma GCC pop_options
 
 // --------------------------------------------------------------------------------------- AVX2
@@ -483,8 +459,6 @@ void dequantize_into(const at::Tensor& low, const c10::optional<at::Tensor>& hig
           if (isa == Isa::kAvx2) {
             dequantize_chunk_256<B, H>(k0, lb, hb, sb, N, group, op, 16 * b);
             dequantize_chunk_256<B, H>(k0, lb + 8, hb ? hb + 8 : nullptr, sb + 8, N, group, op, 16 * b + 8);
-          } else if (pair && isa == Isa::kAvx512Bf16) {
-            dequantize_pair_bf16<B>(k0, lb, hb, sb, K, group, N, op, 16 * b);
           } else if (pair) {
             dequantize_chunk_512<B, H, 2>(k0, lb, hb, sb, K, group, N, op, 16 * b);
           } else {

@@ -45,22 +45,9 @@ GROUP_SIZES = (32, 64, 128)
 ROW_BLOCK = 16
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    match = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
-    return set(match.group(1).split()) if match else set()
-
-
 @functools.lru_cache(maxsize=None)
 def _load() -> str | None:
     """Build (or reuse) and load the extension; ``None`` when it works, else the reason it does not."""
-    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
-        flags = _cpu_flags()
-        if "avx512f" not in flags and not {"avx2", "fma"} <= flags:
-            return "this CPU has neither AVX-512F nor AVX2+FMA"
     try:
         from torch.utils import cpp_extension
 
@@ -73,6 +60,8 @@ def _load() -> str | None:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return f"the C++ kernels could not be built or loaded ({first_line})"
     _register_fakes()
+    if torch.ops.gsq_cpu.isa() == "none":  # the op's own CPU check (GSQ_VLLM_CPU_ISA=none forces it)
+        return "this CPU has neither AVX-512F nor AVX2+FMA"
     return None
 
 

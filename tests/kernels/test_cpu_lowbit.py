@@ -119,3 +119,15 @@ def test_the_ops_trace_as_single_nodes():
 
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), layer(x))
+
+
+def test_a_cpu_without_avx512_or_avx2_gets_the_reason_not_a_crash():
+    """GSQ_VLLM_CPU_ISA=none makes the op see such a CPU: the kernels say why they cannot run."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from gsq_vllm.kernels import cpu_lowbit; print(cpu_lowbit.unavailable_reason())"
+    env = {**os.environ, "GSQ_VLLM_CPU_ISA": "none"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "this CPU has neither AVX-512F nor AVX2+FMA", out.stderr[-2000:]
