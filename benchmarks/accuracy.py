@@ -40,11 +40,12 @@ from gsq_vllm.machine import cpu_description
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "cache"
-# every source file on the quantize -> checkpoint -> evaluate path (not the command line, the serving
-# plugin or the kernels, and not this script's tables); editing any of them recomputes every row
-SOURCES = ["gsq_vllm/gsq/*.py", "gsq_vllm/modifier.py", "gsq_vllm/end_to_end.py", "gsq_vllm/quantize.py",
-           "gsq_vllm/data.py", "gsq_vllm/files.py", "gsq_vllm/checkpoint.py", "gsq_vllm/evaluation.py",
-           "gsq_vllm/packing.py", "gsq_vllm/weight_format.py", "gsq_vllm/recipes/__init__.py"]
+# every source file on the quantize -> checkpoint -> evaluate path of every row (not the command line,
+# the serving plugin or the kernels, and not this script's tables): editing one recomputes every row
+SOURCES = ["gsq_vllm/quantize.py", "gsq_vllm/data.py", "gsq_vllm/files.py", "gsq_vllm/checkpoint.py",
+           "gsq_vllm/evaluation.py", "gsq_vllm/packing.py", "gsq_vllm/weight_format.py", "gsq_vllm/recipes/__init__.py"]
+# GSQ's own modules: only GSQ rows run them, so editing them recomputes only those rows
+GSQ_SOURCES = ["gsq_vllm/gsq/*.py", "gsq_vllm/modifier.py", "gsq_vllm/end_to_end.py"]
 LIBRARIES = ["torch", "transformers", "compressed-tensors", "llmcompressor", "auto-round"]
 
 
@@ -118,9 +119,14 @@ def bits_per_parameter(bits, group_size: int) -> float:
     return code_bits + 16.0 / group_size
 
 
-def source_digest() -> str:
-    """Hash of every file that can change a record (quantize, checkpoint, evaluation, this script)."""
-    files = sorted({path for pattern in SOURCES for path in ROOT.glob(pattern)})
+def sources_of(name: str) -> list[str]:
+    """The source patterns a row's result can depend on."""
+    return SOURCES + (GSQ_SOURCES if ALL[name].method == "gsq" else [])
+
+
+def source_digest(patterns: list[str]) -> str:
+    """Hash of every file matching ``patterns`` (its path and its bytes)."""
+    files = sorted({path for pattern in patterns for path in ROOT.glob(pattern)})
     digest = hashlib.sha1()
     for path in files:
         digest.update(path.relative_to(ROOT).as_posix().encode())
@@ -159,7 +165,7 @@ def calibration_of(name: str, settings: dict) -> dict:
 
 def cache_key(name: str, settings: dict, recipe: dict | None) -> str:
     payload = {"name": name, "settings": settings, "calibration": calibration_of(name, settings), "recipe": recipe,
-               "sources": source_digest(), "libraries": library_versions()}
+               "sources": source_digest(sources_of(name)), "libraries": library_versions()}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -1,5 +1,6 @@
 """The accuracy benchmark's cache cannot serve a stale record: editing any source file that can
-change a result (quantize, checkpoint, evaluation, data) changes the key."""
+change a result (quantize, checkpoint, evaluation, data) changes the key of every row that runs it,
+and editing GSQ's own modules leaves the baselines' records (GPTQ, AutoRound: hours of CPU) valid."""
 
 from __future__ import annotations
 
@@ -22,25 +23,37 @@ def accuracy():
     return module
 
 
+def _files(accuracy, patterns):
+    return sorted({path.relative_to(ROOT) for pattern in patterns for path in ROOT.glob(pattern)})
+
+
 def test_every_result_changing_module_is_in_the_key(accuracy):
-    covered = {path.relative_to(ROOT).as_posix() for pattern in accuracy.SOURCES for path in ROOT.glob(pattern)}
+    covered = {path.as_posix() for path in _files(accuracy, accuracy.sources_of("gsq3"))}
     for module in ("gsq_vllm/evaluation.py", "gsq_vllm/data.py", "gsq_vllm/quantize.py", "gsq_vllm/checkpoint.py",
                    "gsq_vllm/packing.py", "gsq_vllm/modifier.py", "gsq_vllm/end_to_end.py",
                    "gsq_vllm/gsq/optimize.py", "gsq_vllm/weight_format.py"):
         assert module in covered, f"{module} can change a record but is not in the cache key"
 
 
-def test_editing_any_source_changes_the_key(accuracy, tmp_path, monkeypatch):
-    files = sorted({path.relative_to(ROOT) for pattern in accuracy.SOURCES for path in ROOT.glob(pattern)})
+def test_editing_a_source_changes_the_keys_of_the_rows_that_run_it(accuracy, tmp_path, monkeypatch):
+    files = _files(accuracy, accuracy.SOURCES + accuracy.GSQ_SOURCES)
     for relative in files:
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / relative, tmp_path / relative)
     monkeypatch.setattr(accuracy, "ROOT", tmp_path)
-    before = accuracy.source_digest()
+    gsq_only = set(_files(accuracy, accuracy.GSQ_SOURCES))
+    assert gsq_only and not gsq_only & set(_files(accuracy, accuracy.SOURCES))
+    before = {name: accuracy.source_digest(accuracy.sources_of(name)) for name in ("gsq3", "gptq3", "autoround2")}
     for relative in files:
         path = tmp_path / relative
         original = path.read_bytes()
         path.write_bytes(original + b"\n# edited\n")
-        assert accuracy.source_digest() != before, f"editing {relative} leaves the cache key unchanged"
+        after = {name: accuracy.source_digest(accuracy.sources_of(name)) for name in before}
+        assert after["gsq3"] != before["gsq3"], f"editing {relative} leaves GSQ's cache key unchanged"
+        for baseline in ("gptq3", "autoround2"):
+            if relative in gsq_only:  # GSQ's own modules cannot change a baseline: its record stays valid
+                assert after[baseline] == before[baseline], f"editing {relative} recomputes {baseline}"
+            else:
+                assert after[baseline] != before[baseline], f"editing {relative} leaves {baseline}'s key unchanged"
         path.write_bytes(original)
-    assert accuracy.source_digest() == before
+    assert {name: accuracy.source_digest(accuracy.sources_of(name)) for name in before} == before
