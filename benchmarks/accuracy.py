@@ -18,6 +18,7 @@ README's table is generated from the JSON (benchmarks/readme_tables.py).
 
     .venv/bin/python benchmarks/accuracy.py                      # every row
     .venv/bin/python benchmarks/accuracy.py --methods fp gptq3 gsq3
+    .venv/bin/python benchmarks/accuracy.py --cached-only           # tables from what is cached
 """
 
 from __future__ import annotations
@@ -86,21 +87,28 @@ METHODS: dict[str, Method] = {
     "gsq-ternary": Method("gsq", "ternary", "gsq_ternary_g64", label="GSQ ternary (default recipe)"),
 }
 
-# Ablations of the 3-bit default, each changing one lever (the end-to-end stage is off in all of
-# them but the last, so the layer-wise levers are seen alone).
+# Ablations of the 3-bit default, each changing one lever. Rows labelled "default ..." keep the
+# end-to-end stage; the others are layer-wise only, so the layer-wise levers are seen alone.
 _LAYERWISE = {"GSQEndToEndModifier": {"steps": 0}}
+_FP_TARGETS = {"targets_from": "full_precision"}
 ABLATIONS: dict[str, Method] = {
     "gsq3-gptq-clipped": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"steps": 0, "scale_init": "symmetric"}, **_LAYERWISE},
                                 label="start only: GPTQ on compressed-tensors' clipped grid", ablation=True),
     "gsq3-gptq-full-range": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"steps": 0}, **_LAYERWISE},
                                    label="start only: GPTQ on the full-range signed grid", ablation=True),
     "gsq3-layerwise": Method("gsq", 3, "gsq_w3a16_g64", dict(_LAYERWISE),
-                             label="layer-wise GSQ (decoder-layer objective, full-precision targets)", ablation=True),
-    "gsq3-mlp-blocks": Method("gsq", 3, "gsq_w3a16_g64",
-                              {"GSQModifier": {"blocks": ["re:.*mlp$"], "targets_from": "quantized"}, **_LAYERWISE},
+                             label="layer-wise GSQ (decoder-layer objective, targets from the quantized inputs)",
+                             ablation=True),
+    "gsq3-fp-targets": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": _FP_TARGETS, **_LAYERWISE},
+                              label="layer-wise, error-correcting targets (full-precision inputs)", ablation=True),
+    "gsq3-fp-targets-e2e": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": _FP_TARGETS},
+                                  label="default with error-correcting targets (the previous default)", ablation=True),
+    "gsq3-steps200": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"steps": 200}},
+                            label="default with 200 layer-wise steps (twice the tokens per layer)", ablation=True),
+    "gsq3-e2e150": Method("gsq", 3, "gsq_w3a16_g64", {"GSQEndToEndModifier": {"steps": 150}},
+                          label="default with 150 end-to-end steps (the 2-bit recipe's budget)", ablation=True),
+    "gsq3-mlp-blocks": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"blocks": ["re:.*mlp$"]}, **_LAYERWISE},
                               label="previous design: MLP blocks + per-projection Hessian objective", ablation=True),
-    "gsq3-quantized-targets": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"targets_from": "quantized"}, **_LAYERWISE},
-                                     label="layer-wise, targets from the quantized inputs (no error correction)", ablation=True),
     "gsq3-clipped-grid": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"scale_init": "symmetric"}, **_LAYERWISE},
                                 label="layer-wise, compressed-tensors' clipped grid", ablation=True),
     "gsq3-calib4x": Method("gsq", 3, "gsq_w3a16_g64", dict(_LAYERWISE), calibration={"samples": 512},
@@ -221,7 +229,7 @@ def run_one(name: str, settings: dict, recipe: dict | None, out_file: Path) -> N
     record = {"name": name, "method": spec.method, "bits": spec.bits, "label": spec.label, "ablation": spec.ablation,
               "group_size": settings["group_size"] if spec.method != "fp" else None,
               "bpp": bits_per_parameter(spec.bits, settings["group_size"]), "quant_seconds": 0.0, "peak_mem_mb": None,
-              "calibration": calibration, "recipe": recipe}
+              "calibration": calibration, "recipe": recipe, "threads": torch.get_num_threads()}
     if spec.method == "fp":
         candidate_dir = model_dir
     else:
@@ -349,6 +357,8 @@ def main() -> int:
                         help="consecutive windows from the start of the calibration text (default: spread over it)")
     parser.add_argument("--wiki-windows", type=int, default=10)
     parser.add_argument("--news-windows", type=int, default=4)
+    parser.add_argument("--cached-only", action="store_true",
+                        help="write the results from the rows already cached; compute nothing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode: row name
     parser.add_argument("--recipe-json", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -371,6 +381,9 @@ def main() -> int:
 
             set_modifier_options(recipe, "AutoRoundModifier", iters=iters)
         cached = CACHE / f"{name}-{cache_key(name, settings, recipe)}.json"
+        if not cached.exists() and args.cached_only:
+            print(f"[accuracy] {name}: not cached, left out")
+            continue
         if not cached.exists():
             print(f"[accuracy] running {name} ...", flush=True)
             start = time.time()

@@ -80,12 +80,14 @@ def accuracy_tables(payload: dict) -> dict[str, str]:
     times = payload.get("time_ratios", {})
     if times:
         lines.append("")
-        lines.append("Quantization time ratios (same machine, rows run one after another): " + ", ".join(
+        lines.append("Quantization time ratios (wall time on the same machine; not every row ran alone, see each record's `threads` and `provenance`): " + ", ".join(
             f"{key.replace('/', ' / ')} = {value:.2f}" for key, value in sorted(times.items())) + ".")
     ablations = [r for r in rows if r["ablation"]]
-    ablation_lines = ["| row | what changes (3-bit) | wiki ppl | news ppl | EAR | quant s |", "|---|---|---|---|---|---|"]
+    ablation_lines = ["| row | what changes (3-bit) | wiki ppl | news ppl | CE gap (wiki, news) | EAR | quant s |",
+                      "|---|---|---|---|---|---|---|"]
     for r in ablations:
-        ablation_lines.append(f"| {r['name']} | {r['label']} | {_num(r['ppl'])} | {_num(r['ppl_news'])} "
+        gaps = f"{r['gap']:.3f}, {r['gap_news']:.3f}" if "gap" in r else "-"
+        ablation_lines.append(f"| {r['name']} | {r['label']} | {_num(r['ppl'])} | {_num(r['ppl_news'])} | {gaps} "
                               f"| {r['ear']:.3f} | {r['quant_seconds']:.0f} |")
     return {"accuracy-table": head + "\n".join(lines),
             "ablation-table": "\n".join(ablation_lines) if ablations else "(no ablation rows in the results file)"}
