@@ -15,10 +15,11 @@
 // * fp32 path (any activation dtype; AVX-512F or AVX2+FMA): 32-bit lanes, one code per lane per
 //   step, FMA with x[m][k] broadcast. The result equals dequantise-then-matmul in fp32 up to the
 //   order of the additions.
-// * bf16 path (bf16 activations on AVX-512 BF16 CPUs): a 16-bit shift puts the pair (k, k+1) of
-//   each row in the two halves of its lane, a 16-bit permute makes them bf16 levels (exact), and
-//   one dot-product instruction (vdpbf16ps) accumulates both products in fp32: twice the weights
-//   per instruction.
+// * bf16 path (bf16 activations on AVX-512 BF16 CPUs): a 16-bit shift puts the pairs (k, k+1) and
+//   (k+2, k+3) of each row in the low bits of the two halves of its lane, a 16-bit permute per pair
+//   makes them bf16 levels (exact; its table reads the pair's bits where they are, so one shift
+//   serves two pairs), and one dot-product instruction (vdpbf16ps) accumulates both products of a
+//   pair in fp32: twice the weights per instruction.
 // Sums run per group in several independent accumulators (FMA latency), then are scaled by the
 // 16 rows' scales into the total.
 //
@@ -195,14 +196,21 @@ void dequantize_chunk_512(int64_t k0, const int32_t* low, const int32_t* high, c
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512bf16")
 
-template <int BITS>
-inline __m512i table_bf16() {
+// Half of a 64-entry bf16 table (entries [32 * half, 32 * half + 32)) that maps an index word to the
+// level of one pair slot: SLOT 0 reads the code's low bits from index bits 0-1, SLOT 1 from bits 2-3;
+// a 3-bit code's third bit comes from bit 4 (SLOT 0) or bit 5 (SLOT 1). vpermw reads 5 index bits
+// and vpermt2w 6, so one shifted word serves two pairs: a shift per two dot products instead of one.
+template <int BITS, int SLOT>
+inline __m512i pair_table_bf16(int half) {
   alignas(64) uint16_t values[32];
-  for (int i = 0; i < 32; ++i) {
-    const float v = level<BITS>(i);
+  for (int e = 0; e < 32; ++e) {
+    const int i = 32 * half + e;
+    int code = SLOT == 0 ? (i & 3) : ((i >> 2) & 3);
+    if (BITS == 3) code |= (SLOT == 0 ? (i >> 4) & 1 : (i >> 5) & 1) << 2;
+    const float v = level<BITS>(code);
     uint32_t bits;
     std::memcpy(&bits, &v, 4);
-    values[i] = uint16_t(bits >> 16);  // small integers are exact in bf16
+    values[e] = uint16_t(bits >> 16);  // small integers are exact in bf16
   }
   return _mm512_load_si512(values);
 }
@@ -212,7 +220,8 @@ template <int BITS, int ROWS>
 void gemm_block_bf16(const uint16_t* x, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
                      const float* scales, int64_t N, int64_t group, float* y, int64_t ldy, int64_t n0) {
   constexpr int CH = chains(ROWS);
-  const __m512i table = table_bf16<BITS>();
+  const __m512i even_lo = pair_table_bf16<BITS, 0>(0), even_hi = pair_table_bf16<BITS, 0>(1);
+  const __m512i odd_lo = pair_table_bf16<BITS, 1>(0), odd_hi = pair_table_bf16<BITS, 1>(1);
   __m512 total[ROWS];
   for (int r = 0; r < ROWS; ++r) total[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < K / group; ++g) {
@@ -223,18 +232,26 @@ void gemm_block_bf16(const uint16_t* x, int64_t ldx, int64_t K, const int32_t* l
       const __m512i hiword = BITS == 3 ? _mm512_loadu_si512(high + (k / 32) * 16) : _mm512_setzero_si512();
       unroll<2>([&](auto h) {
         const __m512i word = _mm512_loadu_si512(low + (k / 16 + h) * 16);
-        unroll<8>([&](auto j) {
-          __m512i index = j ? _mm512_srli_epi16(word, 2 * j) : word;  // (k+2j, k+2j+1) in both halves
+        unroll<4>([&](auto q) {  // pairs j = 2q and 2q + 1: (k+2j, k+2j+1) in both 16-bit halves
+          __m512i index = q ? _mm512_srli_epi16(word, 4 * q) : word;
+          __m512i even, odd;
           if constexpr (BITS == 3) {
-            constexpr int bit = 8 * h + j;  // same place in both halves
-            const __m512i up = bit >= 2 ? _mm512_srli_epi16(hiword, bit - 2) : _mm512_slli_epi16(hiword, 2 - bit);
-            index = _mm512_ternarylogic_epi32(index, up, _mm512_set1_epi16(3), 0xE4);
+            constexpr int bit = 8 * h + 2 * q;  // the two pairs' third bits, moved to bits 4 and 5
+            const __m512i up = bit >= 4 ? _mm512_srli_epi16(hiword, bit - 4) : _mm512_slli_epi16(hiword, 4 - bit);
+            index = _mm512_ternarylogic_epi32(index, up, _mm512_set1_epi16(15), 0xE4);  // bits 0-3 from index
+            even = _mm512_permutex2var_epi16(even_lo, index, even_hi);
+            odd = _mm512_permutex2var_epi16(odd_lo, index, odd_hi);
+          } else {
+            even = _mm512_permutexvar_epi16(index, even_lo);
+            odd = _mm512_permutexvar_epi16(index, odd_lo);
           }
-          const __m512bh levels = (__m512bh)_mm512_permutexvar_epi16(index, table);
           for (int r = 0; r < ROWS; ++r) {
-            int32_t pair;
-            std::memcpy(&pair, x + r * ldx + k + 16 * h + 2 * j, 4);
-            sum[r][j % CH] = _mm512_dpbf16_ps(sum[r][j % CH], levels, (__m512bh)_mm512_set1_epi32(pair));
+            int32_t pair_even, pair_odd;
+            std::memcpy(&pair_even, x + r * ldx + k + 16 * h + 4 * q, 4);
+            std::memcpy(&pair_odd, x + r * ldx + k + 16 * h + 4 * q + 2, 4);
+            constexpr int ce = (2 * q) % CH, co = (2 * q + 1) % CH;
+            sum[r][ce] = _mm512_dpbf16_ps(sum[r][ce], (__m512bh)even, (__m512bh)_mm512_set1_epi32(pair_even));
+            sum[r][co] = _mm512_dpbf16_ps(sum[r][co], (__m512bh)odd, (__m512bh)_mm512_set1_epi32(pair_odd));
           }
         });
       });
