@@ -85,8 +85,8 @@ def unavailable_reason() -> str | None:
 
 
 def isa() -> str:
-    """The best instruction set the kernels use now: ``avx512-bf16``, ``avx512`` or ``avx2``
-    (``GSQ_VLLM_CPU_ISA=avx512`` / ``avx2`` forces a lesser path, for tests)."""
+    """The best instruction set the kernels use now: ``amx``, ``avx512-bf16``, ``avx512`` or ``avx2``
+    (``GSQ_VLLM_CPU_ISA=avx512-bf16`` / ``avx512`` / ``avx2`` forces a lesser path, for tests)."""
     _require()
     return torch.ops.gsq_cpu.isa()
 

@@ -233,7 +233,7 @@ def test_cpu_lowbit_switches_to_a_rebuilt_dense_weight_at_its_threshold(vllm_tp1
     """Below DENSE_FROM_ROWS rows the C++ low-bit GEMM, from there on the weight rebuilt from the
     same planes (no other copy kept) and a dense GEMM; both equal the reference."""
     from gsq_vllm.kernels import cpu_lowbit
-    from gsq_vllm.serving.linear_kernels.cpu_lowbit import DENSE_FROM_ROWS, GSQCPULowbitLinearKernel
+    from gsq_vllm.serving.linear_kernels.cpu_lowbit import GSQCPULowbitLinearKernel, dense_from_rows
 
     if cpu_lowbit.unavailable_reason():
         pytest.skip(f"native CPU kernels unavailable: {cpu_lowbit.unavailable_reason()}")
@@ -247,7 +247,8 @@ def test_cpu_lowbit_switches_to_a_rebuilt_dense_weight_at_its_threshold(vllm_tp1
     expected = {"gsq_low_plane", "gsq_scales_t"} | ({"gsq_high_plane"} if bits == 3 else set())
     assert {name for name, _ in layer.named_parameters()} == expected
     assert sum(p.numel() * p.element_size() for p in layer.parameters()) * 8 < n * k * (bits + 0.6)
-    threshold = DENSE_FROM_ROWS[act]
+    threshold = dense_from_rows(act)
+    assert threshold == (128 if act == torch.bfloat16 and cpu_lowbit.isa() == "amx" else {torch.bfloat16: 16, torch.float32: 32}[act])
     for rows, dense in ((1, False), (threshold - 1, False), (threshold, True), (300, True)):
         assert kernel.uses_dense(rows) is dense
         x = torch.randn(rows, k).to(act)
