@@ -248,13 +248,39 @@ inline __m512i pair_table_bf16(int half) {
   return _mm512_load_si512(values);
 }
 
+struct PairTables {
+  __m512i even_lo, even_hi, odd_lo, odd_hi;
+};
+
+template <int BITS>
+inline PairTables pair_tables_bf16() {
+  return {pair_table_bf16<BITS, 0>(0), pair_table_bf16<BITS, 0>(1), pair_table_bf16<BITS, 1>(0),
+          pair_table_bf16<BITS, 1>(1)};
+}
+
+// The bf16 levels of pairs j = 2Q and 2Q + 1 of half H of a 32-k chunk, 16 rows in the lanes:
+// (k+2j, k+2j+1) in the two 16-bit halves of each lane, the VNNI order of a pair.
+template <int BITS, int H, int Q>
+GSQ_INLINE void pair_levels_bf16(__m512i word, __m512i hiword, const PairTables& t, __m512i& even, __m512i& odd) {
+  __m512i index = Q ? _mm512_srli_epi16(word, 4 * Q) : word;
+  if constexpr (BITS == 3) {
+    constexpr int bit = 8 * H + 2 * Q;  // the two pairs' third bits, moved to bits 4 and 5
+    const __m512i up = bit >= 4 ? _mm512_srli_epi16(hiword, bit - 4) : _mm512_slli_epi16(hiword, 4 - bit);
+    index = _mm512_ternarylogic_epi32(index, up, _mm512_set1_epi16(15), 0xE4);  // bits 0-3 from index
+    even = _mm512_permutex2var_epi16(t.even_lo, index, t.even_hi);
+    odd = _mm512_permutex2var_epi16(t.odd_lo, index, t.odd_hi);
+  } else {
+    even = _mm512_permutexvar_epi16(index, t.even_lo);
+    odd = _mm512_permutexvar_epi16(index, t.odd_lo);
+  }
+}
+
 // y[m][n0:n0+16] for ROWS rows of bf16 x: pairs (k, k+1) per dot-product instruction.
 template <int BITS, int ROWS>
 void gemm_block_bf16(const uint16_t* x, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
                      const float* scales, int64_t N, int64_t group, float* y, int64_t ldy, int64_t n0) {
   constexpr int CH = chains(ROWS);
-  const __m512i even_lo = pair_table_bf16<BITS, 0>(0), even_hi = pair_table_bf16<BITS, 0>(1);
-  const __m512i odd_lo = pair_table_bf16<BITS, 1>(0), odd_hi = pair_table_bf16<BITS, 1>(1);
+  const PairTables tables = pair_tables_bf16<BITS>();
   __m512 total[ROWS];
   for (int r = 0; r < ROWS; ++r) total[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < K / group; ++g) {
@@ -265,19 +291,9 @@ void gemm_block_bf16(const uint16_t* x, int64_t ldx, int64_t K, const int32_t* l
       const __m512i hiword = BITS == 3 ? _mm512_loadu_si512(high + (k / 32) * 16) : _mm512_setzero_si512();
       unroll<2>([&](auto h) {
         const __m512i word = _mm512_loadu_si512(low + (k / 16 + h) * 16);
-        unroll<4>([&](auto q) {  // pairs j = 2q and 2q + 1: (k+2j, k+2j+1) in both 16-bit halves
-          __m512i index = q ? _mm512_srli_epi16(word, 4 * q) : word;
+        unroll<4>([&](auto q) {  // pairs j = 2q and 2q + 1
           __m512i even, odd;
-          if constexpr (BITS == 3) {
-            constexpr int bit = 8 * h + 2 * q;  // the two pairs' third bits, moved to bits 4 and 5
-            const __m512i up = bit >= 4 ? _mm512_srli_epi16(hiword, bit - 4) : _mm512_slli_epi16(hiword, 4 - bit);
-            index = _mm512_ternarylogic_epi32(index, up, _mm512_set1_epi16(15), 0xE4);  // bits 0-3 from index
-            even = _mm512_permutex2var_epi16(even_lo, index, even_hi);
-            odd = _mm512_permutex2var_epi16(odd_lo, index, odd_hi);
-          } else {
-            even = _mm512_permutexvar_epi16(index, even_lo);
-            odd = _mm512_permutexvar_epi16(index, odd_lo);
-          }
+          pair_levels_bf16<BITS, h, q>(word, hiword, tables, even, odd);
           for (int r = 0; r < ROWS; ++r) {
             int32_t pair_even, pair_odd;
             std::memcpy(&pair_even, x + r * ldx + k + 16 * h + 4 * q, 4);
@@ -422,8 +438,7 @@ void release_tiles() { _tile_release(); }
 template <int BITS>
 void gemm_block_amx(const uint16_t* x, int64_t rows, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
                     const float* scales, int64_t group, float* y, int64_t ldy, int64_t n0) {
-  const __m512i even_lo = pair_table_bf16<BITS, 0>(0), even_hi = pair_table_bf16<BITS, 0>(1);
-  const __m512i odd_lo = pair_table_bf16<BITS, 1>(0), odd_hi = pair_table_bf16<BITS, 1>(1);
+  const PairTables tables = pair_tables_bf16<BITS>();
   alignas(64) uint16_t weight[2][16 * 32];
   alignas(64) float sums[16 * 16];
   __m512 total[16];
@@ -437,18 +452,8 @@ void gemm_block_amx(const uint16_t* x, int64_t rows, int64_t ldx, int64_t K, con
       unroll<2>([&](auto h) {
         const __m512i word = _mm512_loadu_si512(low + (k / 16 + h) * 16);
         unroll<4>([&](auto q) {
-          __m512i index = q ? _mm512_srli_epi16(word, 4 * q) : word;
           __m512i even, odd;
-          if constexpr (BITS == 3) {
-            constexpr int bit = 8 * h + 2 * q;
-            const __m512i up = bit >= 4 ? _mm512_srli_epi16(hiword, bit - 4) : _mm512_slli_epi16(hiword, 4 - bit);
-            index = _mm512_ternarylogic_epi32(index, up, _mm512_set1_epi16(15), 0xE4);
-            even = _mm512_permutex2var_epi16(even_lo, index, even_hi);
-            odd = _mm512_permutex2var_epi16(odd_lo, index, odd_hi);
-          } else {
-            even = _mm512_permutexvar_epi16(index, even_lo);
-            odd = _mm512_permutexvar_epi16(index, odd_lo);
-          }
+          pair_levels_bf16<BITS, h, q>(word, hiword, tables, even, odd);
           _mm512_store_si512(w + (8 * h + 2 * q) * 32, even);  // pair 8h + 2q of the chunk
           _mm512_store_si512(w + (8 * h + 2 * q + 1) * 32, odd);
         });
