@@ -6,11 +6,12 @@ decoder layer the sequential pipeline calibrates:
 
 1. **start**: GPTQ on the GSQ grid (:func:`gsq_vllm.gsq.gptq_quantize`) from the Hessians our hooks
    accumulated, with full-range signed scales (``scale_init``), or round-to-nearest (``init: rtn``);
-2. **targets**: what the layer should output on each calibration sequence. ``full_precision``
-   (default): the full-precision model's output there, computed from a full-precision copy of the
-   hidden states that the modifier carries from layer to layer, so each layer also corrects the
-   error the layers before it left. ``quantized``: the original weights applied to the same
-   (already-quantized) inputs;
+2. **targets**: what the layer should output on each calibration sequence. ``quantized``
+   (default, as AutoRound does): the original weights applied to the same, already-quantized,
+   inputs. ``full_precision``: the full-precision model's output there, computed from a
+   full-precision copy of the hidden states that the modifier carries from layer to layer, so each
+   layer also tries to correct the error the layers before it left (measured worse on the whole
+   model: the README's ablation table);
 3. **GSQ**: all quantized Linears of the block (by default the whole decoder layer: attention and
    MLP) trained jointly on the block's output from its real inputs (hidden states, position
    embeddings, attention mask, as captured by a pre-forward hook); Linears outside any block are
@@ -90,8 +91,8 @@ class GSQModifier(Modifier, QuantizationMixin):
     :param blocks: ``decoder_layers`` (default: the pipeline's sequential targets, every Linear of
         a layer trained jointly on the layer's output) or module targets (class names, names or
         ``re:`` patterns, e.g. ``["re:.*mlp$"]``) whose Linears are trained jointly.
-    :param targets_from: ``full_precision`` (default, needs ``blocks: decoder_layers``) or
-        ``quantized`` (see the module docstring).
+    :param targets_from: ``quantized`` (default) or ``full_precision`` (needs
+        ``blocks: decoder_layers``); see the module docstring.
     :param layer_objective: for Linears outside any block: ``hessian`` or ``none`` (keep the start).
     :param tokens_per_step: calibration tokens per block step (whole sequences).
     :param holdout: fraction of the calibration sequences never trained on, which decide whether
@@ -122,7 +123,7 @@ class GSQModifier(Modifier, QuantizationMixin):
     logits_dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     blocks: Literal["decoder_layers"] | list[str] = DECODER_LAYERS
-    targets_from: Literal["full_precision", "quantized"] = "full_precision"
+    targets_from: Literal["full_precision", "quantized"] = "quantized"
     layer_objective: Literal["hessian", "none"] = "hessian"
     max_block_tokens: int = Field(default=1 << 20, ge=1)
     cache_dtype: Literal["float32", "bfloat16"] = "bfloat16"
