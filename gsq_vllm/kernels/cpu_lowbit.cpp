@@ -20,9 +20,10 @@
 //   makes them bf16 levels (exact; its table reads the pair's bits where they are, so one shift
 //   serves two pairs), and one dot-product instruction (vdpbf16ps) accumulates both products of a
 //   pair in fp32: twice the weights per instruction.
-// * AMX path (bf16 activations, 3 to 16 rows, CPUs with AMX tiles): the same unpacking, stored as
-//   a 16 x 32 bf16 weight tile per 32 inputs, and one tile multiply (tdpbf16ps) for all rows: the
-//   unpacking is paid once per weight instead of once per four rows.
+// * AMX path (bf16 activations, 3 rows or more, CPUs with AMX tiles): the same unpacking, stored
+//   as a 16 x 32 bf16 weight tile per 32 inputs, and one tile multiply (tdpbf16ps) for up to 16
+//   rows: the unpacking is paid once per weight instead of once per four rows (beyond 16 rows,
+//   each block is unpacked once into a per-thread buffer and multiplied by every 16 rows).
 // Sums run per group in several independent accumulators (FMA latency), then are scaled by the
 // 16 rows' scales into the total.
 //
@@ -413,7 +414,7 @@ void dequantize_chunk_256(int64_t k0, const int32_t* low, const int32_t* high, c
 #pragma GCC pop_options
 
 
-// ------------------------------------------------------------------ AMX (bf16 x, 3 to 16 rows)
+// ---------------------------------------------------------------------- AMX (bf16 x, 3+ rows)
 
 #if GSQ_BUILD_AMX
 #pragma GCC push_options
@@ -443,9 +444,8 @@ void release_tiles() { _tile_release(); }
 // One 32-k chunk of a block: its codes unpacked exactly as in gemm_block_bf16 but stored as the
 // weight tile (the registers' 16 lanes of (k, k+1) pairs are the VNNI rows tdpbf16ps reads), then
 // multiplied with the rows of x into the group's sums tile C. T = the chunk's turn of tiles.
-template <int BITS, int C, int T>
-GSQ_INLINE void amx_chunk(const uint16_t* x, int64_t ldx, int64_t k, const int32_t* low, const int32_t* high,
-                          const PairTables& tables, uint16_t* w) {
+template <int BITS>
+GSQ_INLINE void unpack_chunk(int64_t k, const int32_t* low, const int32_t* high, const PairTables& tables, uint16_t* w) {
   const __m512i hiword = BITS == 3 ? _mm512_loadu_si512(high + (k / 32) * 16) : _mm512_setzero_si512();
   unroll<2>([&](auto h) {
     const __m512i word = _mm512_loadu_si512(low + (k / 16 + h) * 16);
@@ -456,69 +456,100 @@ GSQ_INLINE void amx_chunk(const uint16_t* x, int64_t ldx, int64_t k, const int32
       _mm512_store_si512(w + (8 * h + 2 * q + 1) * 32, odd);
     });
   });
+}
+
+// sums tile C += x[:, k:k+32] (rows of x at xk, stride ldx) @ the unpacked chunk w; T = turn of tiles
+template <int C, int T>
+GSQ_INLINE void tile_multiply(const uint16_t* xk, int64_t ldx, const uint16_t* w) {
   // GCC's tile intrinsics declare no memory operands: without this barrier it may drop or move the
   // stores above past the tile load that reads them. (They also take literal tile numbers.)
   asm volatile("" : : : "memory");
   if constexpr (T == 0) {
-    _tile_loadd(2, x + k, ldx * 2);
+    _tile_loadd(2, xk, ldx * 2);
     _tile_loadd(4, w, 64);
     if constexpr (C == 0) _tile_dpbf16ps(0, 2, 4);
     else _tile_dpbf16ps(1, 2, 4);
   } else {
-    _tile_loadd(3, x + k, ldx * 2);
+    _tile_loadd(3, xk, ldx * 2);
     _tile_loadd(5, w, 64);
     if constexpr (C == 0) _tile_dpbf16ps(0, 3, 5);
     else _tile_dpbf16ps(1, 3, 5);
   }
 }
 
-template <int BITS, int C>
-GSQ_INLINE void amx_group(const uint16_t* x, int64_t ldx, int64_t g, int64_t group, const int32_t* low,
-                          const int32_t* high, const PairTables& tables, uint16_t (*weight)[16 * 32]) {
-  if constexpr (C == 0) _tile_zero(0);
-  else _tile_zero(1);
-  for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-    if ((k / 32) % 2) amx_chunk<BITS, C, 1>(x, ldx, k, low, high, tables, weight[1]);
-    else amx_chunk<BITS, C, 0>(x, ldx, k, low, high, tables, weight[0]);
-  }
-}
-
-// y[0:rows][n0:n0+16] for 3..16 rows of bf16 x (tiles configured for ``rows`` by load_tile_config);
-// each group's sums tile is scaled into the total once the next group's multiplies are issued.
-template <int BITS>
-void gemm_block_amx(const uint16_t* x, int64_t rows, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
-                    const float* scales, int64_t group, float* y, int64_t ldy, int64_t n0) {
-  const PairTables tables = pair_tables_bf16<BITS>();
-  alignas(64) uint16_t weight[2][16 * 32];
+// y[0:rows][n0:n0+16] = sum over the groups of scale * (the group's chunks multiplied into a sums
+// tile); ``chunk(C, T, k)`` multiplies the 32 inputs from k into sums tile C with tiles of turn T.
+// Each group's sums are scaled into the total once the next group's multiplies are issued.
+template <typename Chunk>
+GSQ_INLINE void amx_groups(int64_t rows, int64_t K, int64_t group, const float* scales, float* y, int64_t ldy,
+                           int64_t n0, Chunk&& chunk) {
   alignas(64) float sums[16 * 16];
   __m512 total[16];
   for (int r = 0; r < 16; ++r) total[r] = _mm512_setzero_ps();
   const int64_t groups = K / group;
-  auto finish = [&](int64_t g) {  // group g's sums, scaled into the total
+  auto finish = [&](int64_t g) {
     if (g % 2) _tile_stored(1, sums, 64);
     else _tile_stored(0, sums, 64);
     asm volatile("" : : : "memory");  // the loads below read what the tile store wrote
     const __m512 scale = _mm512_loadu_ps(scales + g * 16);
     for (int64_t r = 0; r < rows; ++r) total[r] = _mm512_fmadd_ps(_mm512_load_ps(sums + 16 * r), scale, total[r]);
   };
+  auto run_group = [&](int64_t g, auto c) {
+    if constexpr (c == 0) _tile_zero(0);
+    else _tile_zero(1);
+    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+      if ((k / 32) % 2) chunk(c, std::integral_constant<int, 1>{}, k);
+      else chunk(c, std::integral_constant<int, 0>{}, k);
+    }
+  };
   for (int64_t g = 0; g < groups; ++g) {
-    if (g % 2) amx_group<BITS, 1>(x, ldx, g, group, low, high, tables, weight);
-    else amx_group<BITS, 0>(x, ldx, g, group, low, high, tables, weight);
-    if (g > 0) finish(g - 1);  // after the next group's multiplies are issued
+    if (g % 2) run_group(g, std::integral_constant<int, 1>{});
+    else run_group(g, std::integral_constant<int, 0>{});
+    if (g > 0) finish(g - 1);
   }
   finish(groups - 1);
   for (int64_t r = 0; r < rows; ++r) _mm512_storeu_ps(y + r * ldy + n0, total[r]);
+}
+
+// y[0:rows][n0:n0+16] for 3..16 rows of bf16 x (tiles configured for ``rows``): each chunk of
+// codes is unpacked right before its multiply, so unpacking and tile work overlap.
+template <int BITS>
+void gemm_block_amx(const uint16_t* x, int64_t rows, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
+                    const float* scales, int64_t group, float* y, int64_t ldy, int64_t n0) {
+  const PairTables tables = pair_tables_bf16<BITS>();
+  alignas(64) uint16_t weight[2][16 * 32];
+  amx_groups(rows, K, group, scales, y, ldy, n0, [&](auto c, auto t, int64_t k) {
+    unpack_chunk<BITS>(k, low, high, tables, weight[t]);
+    tile_multiply<c, t>(x + k, ldx, weight[t]);
+  });
+}
+
+// The block's whole weight unpacked once into ``out`` (K/32 chunks of 16 x 32 bf16), for many rows.
+template <int BITS>
+void unpack_block(int64_t K, const int32_t* low, const int32_t* high, uint16_t* out) {
+  const PairTables tables = pair_tables_bf16<BITS>();
+  for (int64_t k = 0; k < K; k += 32) unpack_chunk<BITS>(k, low, high, tables, out + (k / 32) * 512);
+}
+
+// y[0:rows][n0:n0+16] for 1..16 rows of bf16 x from a block unpacked by unpack_block.
+void gemm_unpacked_amx(const uint16_t* x, int64_t rows, int64_t ldx, int64_t K, const uint16_t* unpacked,
+                       const float* scales, int64_t group, float* y, int64_t ldy, int64_t n0) {
+  amx_groups(rows, K, group, scales, y, ldy, n0, [&](auto c, auto t, int64_t k) {
+    tile_multiply<c, t>(x + k, ldx, unpacked + (k / 32) * 512);
+  });
 }
 
 #pragma GCC pop_options
 #else
 void load_tile_config(int64_t) {}
 void release_tiles() {}
-// y[0:rows][n0:n0+16] for 3..16 rows of bf16 x (tiles configured for ``rows`` by load_tile_config);
-// each group's sums tile is scaled into the total once the next group's multiplies are issued.
 template <int BITS>
 void gemm_block_amx(const uint16_t*, int64_t, int64_t, int64_t, const int32_t*, const int32_t*, const float*, int64_t,
                     float*, int64_t, int64_t) {}
+template <int BITS>
+void unpack_block(int64_t, const int32_t*, const int32_t*, uint16_t*) {}
+void gemm_unpacked_amx(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, const float*, int64_t, float*,
+                       int64_t, int64_t) {}
 #endif
 
 // ------------------------------------------------------------------------------------ dispatch
@@ -579,6 +610,51 @@ Isa usable_isa() {
   return isa;
 }
 
+// A per-thread, 64-byte aligned buffer of at least ``count`` bf16 values, kept between calls (a
+// fresh allocation per call would page-fault on every use).
+uint16_t* thread_scratch(int64_t count) {
+  struct Buffer {
+    uint16_t* data = nullptr;
+    int64_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffer;
+  if (buffer.size < count) {
+    std::free(buffer.data);
+    buffer.data = static_cast<uint16_t*>(std::aligned_alloc(64, (count * 2 + 63) / 64 * 64));
+    TORCH_CHECK(buffer.data != nullptr, "gsq_cpu: out of memory for ", count * 2, " bytes of scratch");
+    buffer.size = count;
+  }
+  return buffer.data;
+}
+
+// More than 16 rows with AMX: each block's weight is unpacked once (blocks in batches of about
+// 1 MiB of bf16, which stay in L2) and multiplied by every pass of 16 rows.
+template <int BITS>
+void gemm_many_rows_amx(const uint16_t* x, int64_t M, int64_t K, const int32_t* low, const int32_t* high,
+                        const float* scales, int64_t N, int64_t group, float* y, int64_t begin, int64_t end) {
+  const int64_t per_block = K * 16;
+  const int64_t batch = std::max<int64_t>(1, (int64_t(1) << 20) / (per_block * 2));
+  uint16_t* unpacked = thread_scratch(std::min(batch, end - begin) * per_block);
+  for (int64_t b0 = begin; b0 < end; b0 += batch) {
+    const int64_t b1 = std::min(end, b0 + batch);
+    for (int64_t b = b0; b < b1; ++b)
+      unpack_block<BITS>(K, low + b * K, high ? high + b * (K / 2) : nullptr, unpacked + (b - b0) * per_block);
+    int64_t configured = 0;
+    for (int64_t m = 0; m < M; m += 16) {
+      const int64_t rows = std::min<int64_t>(16, M - m);
+      if (rows != configured) {
+        load_tile_config(rows);
+        configured = rows;
+      }
+      for (int64_t b = b0; b < b1; ++b)
+        gemm_unpacked_amx(x + m * K, rows, K, K, unpacked + (b - b0) * per_block, scales + b * (K / group) * 16, group,
+                          y + m * N, N, 16 * b);
+    }
+  }
+  release_tiles();
+}
+
 at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& low, const c10::optional<at::Tensor>& high,
                      const at::Tensor& scales, int64_t bits, int64_t group) {
   TORCH_CHECK(x.dim() == 2, "gsq_cpu: x must be 2-D [M, K], got ", x.sizes());
@@ -599,6 +675,14 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& low, const c10::opti
   float* yp = y.data_ptr<float>();
   // a task is a few blocks of 16 output rows: at least ~16 KiB of codes
   const int64_t grain = std::max<int64_t>(1, 16384 * 8 / (16 * bits * std::max<int64_t>(K, 1)));
+  if (isa == Isa::kAmx && M > 16) {
+    at::parallel_for(0, N / 16, grain, [&](int64_t begin, int64_t end) {
+      const uint16_t* xb = static_cast<const uint16_t*>(xp);
+      if (bits == 2) gemm_many_rows_amx<2>(xb, M, K, lp, hp, sp, N, group, yp, begin, end);
+      else gemm_many_rows_amx<3>(xb, M, K, lp, hp, sp, N, group, yp, begin, end);
+    });
+    return y.to(x.scalar_type());
+  }
   at::parallel_for(0, N / 16, grain, [&](int64_t begin, int64_t end) {
     // passes of up to 16 rows of x over the task's blocks; with AMX a pass of kAmxMinRows rows or
     // more goes through the tiles, a smaller one through the dot-product path
