@@ -22,8 +22,9 @@
 //   pair in fp32: twice the weights per instruction.
 // * AMX path (bf16 activations, 3 rows or more, CPUs with AMX tiles): the same unpacking, stored
 //   as a 16 x 32 bf16 weight tile per 32 inputs, and one tile multiply (tdpbf16ps) for up to 16
-//   rows: the unpacking is paid once per weight instead of once per four rows (beyond 16 rows,
-//   each block is unpacked once into a per-thread buffer and multiplied by every 16 rows).
+//   rows: the unpacking is paid once per weight instead of once per four rows. Beyond 16 rows,
+//   each block is unpacked once into a per-thread buffer, its scales applied and rounded to bf16
+//   (the numbers of lowbit_dense_mm's rebuilt weight), and multiplied by every 16 rows.
 // Sums run per group in several independent accumulators (FMA latency), then are scaled by the
 // 16 rows' scales into the total.
 //
@@ -121,6 +122,8 @@ constexpr int kPrefetchWords = 16;
 // one core: 1 row 0.53 ms with dot products vs 0.73 ms with tiles, 2 rows 0.80 vs 0.78 ms,
 // 8 rows 2.75 vs 0.92 ms)
 constexpr int kAmxMinRows = 3;
+// Blocks of 16 outputs unpacked at a time for many rows: about 1 MiB of bf16, which stays in L2
+inline int64_t unpacked_batch(int64_t K) { return std::max<int64_t>(1, (int64_t(1) << 20) / (K * 16 * 2)); }
 constexpr int kRows256 = 2;
 constexpr int chains(int rows) { return 8 / rows; }
 
@@ -431,7 +434,7 @@ struct alignas(64) TileConfig {
 
 void load_tile_config(int64_t rows) {
   TileConfig config;
-  for (int t = 0; t < 6; ++t) {
+  for (int t = 0; t < 8; ++t) {
     config.rows[t] = uint8_t(t < 4 ? rows : 16);
     config.colsb[t] = 64;
   }
@@ -524,19 +527,89 @@ void gemm_block_amx(const uint16_t* x, int64_t rows, int64_t ldx, int64_t K, con
   });
 }
 
-// The block's whole weight unpacked once into ``out`` (K/32 chunks of 16 x 32 bf16), for many rows.
+// The block's whole weight unpacked once into ``out`` (K/32 chunks of 16 x 32 bf16) with its scales
+// applied and rounded to bf16, as the dense path rebuilds it: for many rows, where one sums tile
+// then runs down all of K.
 template <int BITS>
-void unpack_block(int64_t K, const int32_t* low, const int32_t* high, uint16_t* out) {
+void unpack_block_scaled(int64_t K, int64_t group, const int32_t* low, const int32_t* high, const float* scales,
+                         uint16_t* out) {
   const PairTables tables = pair_tables_bf16<BITS>();
-  for (int64_t k = 0; k < K; k += 32) unpack_chunk<BITS>(k, low, high, tables, out + (k / 32) * 512);
+  alignas(64) uint16_t order[32];
+  for (int i = 0; i < 32; ++i) order[i] = uint16_t(i % 2 ? 16 + i / 2 : i / 2);  // (lo_n, hi_n) pairs
+  const __m512i interleave = _mm512_load_si512(order);
+  for (int64_t k = 0; k < K; k += 32) {
+    uint16_t* w = out + (k / 32) * 512;
+    unpack_chunk<BITS>(k, low, high, tables, w);
+    const __m512 scale = _mm512_loadu_ps(scales + (k / group) * 16);
+    for (int r = 0; r < 16; ++r) {
+      const __m512i pair = _mm512_load_si512(w + r * 32);
+      const __m512 lo = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)), scale);
+      const __m512 hi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(-65536))), scale);
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lo in elements 0-15, hi in 16-31
+      _mm512_store_si512(w + r * 32, _mm512_permutexvar_epi16(interleave, both));
+    }
+  }
 }
 
-// y[0:rows][n0:n0+16] for 1..16 rows of bf16 x from a block unpacked by unpack_block.
-void gemm_unpacked_amx(const uint16_t* x, int64_t rows, int64_t ldx, int64_t K, const uint16_t* unpacked,
-                       const float* scales, int64_t group, float* y, int64_t ldy, int64_t n0) {
-  amx_groups(rows, K, group, scales, y, ldy, n0, [&](auto c, auto t, int64_t k) {
-    tile_multiply<c, t>(x + k, ldx, unpacked + (k / 32) * 512);
-  });
+// y0, y1 (row strides ldy0, ldy1) = the rows of x times two blocks from
+// unpack_block_scaled (w0, w1). A tile multiply's result takes tens of cycles, so one chain of
+// multiplies down K waits on itself: two blocks give two independent chains that share each x tile.
+// Tiles: 0, 1 = the blocks' sums; 2, 3 = x (chunks in turn); 4, 5 / 6, 7 = the blocks' weights.
+GSQ_INLINE void multiply_two_blocks_scaled(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* w0,
+                                           const uint16_t* w1, float* y0, float* y1, int64_t ldy0,
+                                           int64_t ldy1) {
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t k = 0; k < K; k += 64) {
+    const int64_t c = (k / 32) * 512;
+    _tile_loadd(2, x + k, ldx * 2);
+    _tile_loadd(4, w0 + c, 64);
+    _tile_loadd(5, w1 + c, 64);
+    _tile_dpbf16ps(0, 2, 4);
+    _tile_dpbf16ps(1, 2, 5);
+    if (k + 32 < K) {
+      _tile_loadd(3, x + k + 32, ldx * 2);
+      _tile_loadd(6, w0 + c + 512, 64);
+      _tile_loadd(7, w1 + c + 512, 64);
+      _tile_dpbf16ps(0, 3, 6);
+      _tile_dpbf16ps(1, 3, 7);
+    }
+  }
+  _tile_stored(0, y0, ldy0 * 4);
+  _tile_stored(1, y1, ldy1 * 4);
+  asm volatile("" : : : "memory");
+}
+
+// More than 16 rows: each block is unpacked once (blocks in batches of about 1 MiB of bf16, which
+// stay in L2) and multiplied by every pass of 16 rows, blocks taking the two sums tiles in turn.
+template <int BITS>
+void gemm_many_rows_amx(const uint16_t* x, int64_t M, int64_t K, const int32_t* low, const int32_t* high,
+                        const float* scales, int64_t N, int64_t group, float* y, int64_t begin, int64_t end,
+                        uint16_t* unpacked) {
+  const int64_t per_block = K * 16, batch = unpacked_batch(K);
+  alignas(64) float spare[16 * 16];
+  for (int64_t b0 = begin; b0 < end; b0 += batch) {
+    const int64_t b1 = std::min(end, b0 + batch);
+    for (int64_t b = b0; b < b1; ++b)
+      unpack_block_scaled<BITS>(K, group, low + b * K, high ? high + b * (K / 2) : nullptr,
+                                scales + b * (K / group) * 16, unpacked + (b - b0) * per_block);
+    int64_t configured = 0;
+    for (int64_t m = 0; m < M; m += 16) {
+      const int64_t rows = std::min<int64_t>(16, M - m);
+      if (rows != configured) {
+        load_tile_config(rows);
+        configured = rows;
+      }
+      for (int64_t b = b0; b < b1; b += 2) {  // an odd last block is paired with itself, into a spare
+        const bool pair = b + 1 < b1;
+        const uint16_t* w0 = unpacked + (b - b0) * per_block;
+        float* y0 = y + m * N + 16 * b;
+        multiply_two_blocks_scaled(x + m * K, K, K, w0, pair ? w0 + per_block : w0, y0, pair ? y0 + 16 : spare, N,
+                                   pair ? N : 16);
+      }
+    }
+  }
+  release_tiles();
 }
 
 #pragma GCC pop_options
@@ -547,9 +620,8 @@ template <int BITS>
 void gemm_block_amx(const uint16_t*, int64_t, int64_t, int64_t, const int32_t*, const int32_t*, const float*, int64_t,
                     float*, int64_t, int64_t) {}
 template <int BITS>
-void unpack_block(int64_t, const int32_t*, const int32_t*, uint16_t*) {}
-void gemm_unpacked_amx(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, const float*, int64_t, float*,
-                       int64_t, int64_t) {}
+void gemm_many_rows_amx(const uint16_t*, int64_t, int64_t, const int32_t*, const int32_t*, const float*, int64_t,
+                        int64_t, float*, int64_t, int64_t, uint16_t*) {}
 #endif
 
 // ------------------------------------------------------------------------------------ dispatch
@@ -628,33 +700,6 @@ uint16_t* thread_scratch(int64_t count) {
   return buffer.data;
 }
 
-// More than 16 rows with AMX: each block's weight is unpacked once (blocks in batches of about
-// 1 MiB of bf16, which stay in L2) and multiplied by every pass of 16 rows.
-template <int BITS>
-void gemm_many_rows_amx(const uint16_t* x, int64_t M, int64_t K, const int32_t* low, const int32_t* high,
-                        const float* scales, int64_t N, int64_t group, float* y, int64_t begin, int64_t end) {
-  const int64_t per_block = K * 16;
-  const int64_t batch = std::max<int64_t>(1, (int64_t(1) << 20) / (per_block * 2));
-  uint16_t* unpacked = thread_scratch(std::min(batch, end - begin) * per_block);
-  for (int64_t b0 = begin; b0 < end; b0 += batch) {
-    const int64_t b1 = std::min(end, b0 + batch);
-    for (int64_t b = b0; b < b1; ++b)
-      unpack_block<BITS>(K, low + b * K, high ? high + b * (K / 2) : nullptr, unpacked + (b - b0) * per_block);
-    int64_t configured = 0;
-    for (int64_t m = 0; m < M; m += 16) {
-      const int64_t rows = std::min<int64_t>(16, M - m);
-      if (rows != configured) {
-        load_tile_config(rows);
-        configured = rows;
-      }
-      for (int64_t b = b0; b < b1; ++b)
-        gemm_unpacked_amx(x + m * K, rows, K, K, unpacked + (b - b0) * per_block, scales + b * (K / group) * 16, group,
-                          y + m * N, N, 16 * b);
-    }
-  }
-  release_tiles();
-}
-
 at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& low, const c10::optional<at::Tensor>& high,
                      const at::Tensor& scales, int64_t bits, int64_t group) {
   TORCH_CHECK(x.dim() == 2, "gsq_cpu: x must be 2-D [M, K], got ", x.sizes());
@@ -678,8 +723,9 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& low, const c10::opti
   if (isa == Isa::kAmx && M > 16) {
     at::parallel_for(0, N / 16, grain, [&](int64_t begin, int64_t end) {
       const uint16_t* xb = static_cast<const uint16_t*>(xp);
-      if (bits == 2) gemm_many_rows_amx<2>(xb, M, K, lp, hp, sp, N, group, yp, begin, end);
-      else gemm_many_rows_amx<3>(xb, M, K, lp, hp, sp, N, group, yp, begin, end);
+      uint16_t* unpacked = thread_scratch(std::min(end - begin, unpacked_batch(K)) * K * 16);
+      if (bits == 2) gemm_many_rows_amx<2>(xb, M, K, lp, hp, sp, N, group, yp, begin, end, unpacked);
+      else gemm_many_rows_amx<3>(xb, M, K, lp, hp, sp, N, group, yp, begin, end, unpacked);
     });
     return y.to(x.scalar_type());
   }

@@ -27,11 +27,11 @@ from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel, register
 #: rows from which a call rebuilds the weight and runs a dense GEMM instead of the low-bit kernel
 #: (measured on the default model's layer shapes, 2-core AVX-512 BF16 machine: see the issue-14 note)
 DENSE_FROM_ROWS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 32}
-#: bf16 on a CPU with AMX tiles: the low-bit kernel (16 rows per tile multiply, each block's weight
-#: unpacked once for all rows) stays ahead of the rebuild up to about 192 rows (default model's
-#: 1536 x 576 layer, 2 cores: 128 rows 0.22 ms vs 0.27 ms, 192 rows 0.31 ms vs 0.30 ms, 256 rows
-#: 0.43 ms vs 0.34 ms)
-DENSE_FROM_ROWS_AMX_BF16 = 192
+#: bf16 on a CPU with AMX tiles: the low-bit kernel (16 rows per tile multiply; beyond 16 rows each
+#: block's weight unpacked once, its scales applied in bf16 as the rebuild does) stays ahead of the
+#: rebuild up to about 512 rows (default model's 1536 x 576 layer, 3-bit, 2 cores: 128 rows
+#: 0.15 ms vs 0.28 ms, 256 rows 0.28 ms vs 0.33 ms, 512 rows 0.55 ms vs 0.54 ms)
+DENSE_FROM_ROWS_AMX_BF16 = 512
 
 
 def dense_from_rows(act_type: torch.dtype) -> int:
