@@ -116,6 +116,8 @@ constexpr int high_bit(int h, int s) { return 16 * (s % 2) + 8 * h + s / 2; }
 // Rows of x per pass over a block of the weight (AVX2 has 16 registers, AVX-512 32), and
 // independent accumulators per row: 8 in all, enough to hide the FMA latency.
 constexpr int kRows512 = 4;
+constexpr int kRows256 = 2;
+constexpr int chains(int rows) { return 8 / rows; }
 // How far ahead (in 16-lane words of the low plane) the bf16 GEMM prefetches its codes
 constexpr int kPrefetchWords = 16;
 // From this many rows of bf16 x on, AMX tiles beat the dot-product path (one 4096^2 2-bit layer,
@@ -124,8 +126,6 @@ constexpr int kPrefetchWords = 16;
 constexpr int kAmxMinRows = 3;
 // Blocks of 16 outputs unpacked at a time for many rows: about 1 MiB of bf16, which stays in L2
 inline int64_t unpacked_batch(int64_t K) { return std::max<int64_t>(1, (int64_t(1) << 20) / (K * 16 * 2)); }
-constexpr int kRows256 = 2;
-constexpr int chains(int rows) { return 8 / rows; }
 
 // Levels of a code, repeated with the code's period over the permute's index bits.
 template <int BITS>
@@ -730,36 +730,25 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& low, const c10::opti
     return y.to(x.scalar_type());
   }
   at::parallel_for(0, N / 16, grain, [&](int64_t begin, int64_t end) {
-    // passes of up to 16 rows of x over the task's blocks; with AMX a pass of kAmxMinRows rows or
-    // more goes through the tiles, a smaller one through the dot-product path
-    int64_t configured = 0;
-    for (int64_t m = 0; m < M; m += 16) {
-      const int64_t rows = std::min<int64_t>(16, M - m);
-      const bool tiles = isa == Isa::kAmx && rows >= kAmxMinRows;
-      if (tiles && rows != configured) {
-        load_tile_config(rows);
-        configured = rows;
-      }
-      const Isa pass_isa = isa == Isa::kAmx ? Isa::kAvx512Bf16 : isa;
-      const void* xm = bf16_x ? static_cast<const void*>(static_cast<const uint16_t*>(xp) + m * K)
-                              : static_cast<const void*>(static_cast<const float*>(xp) + m * K);
-      float* ym = yp + m * N;
-      for (int64_t b = begin; b < end; ++b) {
-        const int32_t* lb = lp + b * K;  // K/16 words of 16 lanes
-        const int32_t* hb = hp ? hp + b * (K / 2) : nullptr;
-        const float* sb = sp + b * (K / group) * 16;
-        if (tiles && bits == 2) {
-          gemm_block_amx<2>(static_cast<const uint16_t*>(xm), rows, K, K, lb, hb, sb, group, ym, N, 16 * b);
-        } else if (tiles) {
-          gemm_block_amx<3>(static_cast<const uint16_t*>(xm), rows, K, K, lb, hb, sb, group, ym, N, 16 * b);
-        } else if (bits == 2) {
-          gemm_block<2>(pass_isa, xm, rows, K, lb, hb, sb, N, group, ym, 16 * b);
-        } else {
-          gemm_block<3>(pass_isa, xm, rows, K, lb, hb, sb, N, group, ym, 16 * b);
-        }
+    // here with AMX at most 16 rows: from kAmxMinRows rows on through the tiles, fewer on dot products
+    const bool tiles = isa == Isa::kAmx && M >= kAmxMinRows;
+    const Isa block_isa = isa == Isa::kAmx ? Isa::kAvx512Bf16 : isa;
+    if (tiles) load_tile_config(M);
+    for (int64_t b = begin; b < end; ++b) {
+      const int32_t* lb = lp + b * K;  // K/16 words of 16 lanes
+      const int32_t* hb = hp ? hp + b * (K / 2) : nullptr;
+      const float* sb = sp + b * (K / group) * 16;
+      if (tiles && bits == 2) {
+        gemm_block_amx<2>(static_cast<const uint16_t*>(xp), M, K, K, lb, hb, sb, group, yp, N, 16 * b);
+      } else if (tiles) {
+        gemm_block_amx<3>(static_cast<const uint16_t*>(xp), M, K, K, lb, hb, sb, group, yp, N, 16 * b);
+      } else if (bits == 2) {
+        gemm_block<2>(block_isa, xp, M, K, lb, hb, sb, N, group, yp, 16 * b);
+      } else {
+        gemm_block<3>(block_isa, xp, M, K, lb, hb, sb, N, group, yp, 16 * b);
       }
     }
-    if (configured) release_tiles();
+    if (tiles) release_tiles();
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
