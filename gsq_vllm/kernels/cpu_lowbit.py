@@ -7,8 +7,10 @@ in their own slot order (:func:`gsq_vllm.kernels.planes.pack_kernel_planes` with
 ``layout="cpu"``, stored in blocks of 16 output rows): 2 bits per weight at 2 bits, 3 at 3 bits.
 
 * ``torch.ops.gsq_cpu.lowbit_mm(x [M, K], low, high, scales, bits, G) -> [M, N]``:
-  fp32 accumulation, for decode-sized M; bf16 activations on AVX-512 BF16 CPUs go through the
-  bf16 dot-product instruction (exact products), every other case widens them to fp32.
+  fp32 accumulation, for decode-sized M. 2-bit weights on AVX-512 read each code as a float
+  through its bits (one instruction per 16 weights; an fp32 rounding error about 2^8 times the
+  plain path's, far below bf16's); from 3 rows on AMX CPUs multiply bf16 tiles; 3-bit weights with
+  bf16 activations use the bf16 dot-product instruction; every other case widens x to fp32.
 * ``torch.ops.gsq_cpu.lowbit_dense_mm(x, low, high, scales, bits, G) -> [M, N]``: for large M
   (prefill): the weight rebuilt in one pass into a scratch buffer the op keeps, then PyTorch's
   dense GEMM (bf16 x: a bf16 GEMM; otherwise fp32).

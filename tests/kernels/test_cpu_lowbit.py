@@ -82,6 +82,26 @@ def test_lowbit_mm_on_real_valued_bf16_inputs_a_layer_sized_like_the_default_mod
     torch.testing.assert_close(out.float(), expected.float(), rtol=1.6e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("k", [576, 8192])
+def test_lowbit_mm_error_on_real_valued_inputs_stays_within_its_stated_bound(isa, k):
+    """Real-valued x with outlier channels against a float64 product. The 2-bit AVX-512 path
+    (codes read as floats, x prescaled by up to 2^8) rounds sums about 2^8 times larger than the
+    products: its error must stay below 2^-14 of sum |x w| (measured: about 1e-6 to 5e-6 of it),
+    every other path's below 2^-20."""
+    generator = torch.Generator().manual_seed(k)
+    for bits in (2, 3):
+        low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        codes = torch.randint(low, high + 1, (64, k), dtype=torch.int8, generator=generator)
+        scales = (torch.rand(64, k // 64, generator=generator) - 0.5) / 20
+        x = torch.randn(2, k, generator=generator)
+        x[:, :8] *= 30
+        weight = dequantize(codes, scales).double()
+        exact = x.double() @ weight.t()
+        out = cpu_lowbit.lowbit_mm(x.float(), cpu_lowbit.prepare(codes, scales, bits, 64)).double()
+        bound = 2.0**-14 if bits == 2 and isa != "avx2" else 2.0**-20
+        assert ((out - exact).abs() / (x.double().abs() @ weight.abs().t())).max() < bound, (bits, isa)
+
+
 @pytest.mark.parametrize(
     ("n", "k", "bits", "group_size", "message"),
     [
