@@ -35,7 +35,7 @@ def isa(request, monkeypatch) -> str:
 
 @pytest.mark.parametrize("bits", [2, 3])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 9, 16, 17, 19])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 9, 16, 17, 19, 35, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_lowbit_mm_is_bit_identical_to_dequantise_then_matmul_in_fp32(isa, bits, group_size, m, dtype):
     """Exactly representable inputs (see exact_problem): any correct kernel equals the reference
