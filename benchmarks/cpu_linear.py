@@ -18,16 +18,19 @@ Each kernel is the plugin's own class (``can_implement`` / ``process_weights_aft
 
 On the int4 container a 2/3-bit layer moves as many bytes as a 4-bit one; the ``bytes`` column
 says what each kernel keeps resident. Every timing is the best of ``--repeats`` calls
-after a warm-up, with the spread (slowest - fastest) / fastest. Results:
+after a warm-up, with the spread (slowest - fastest) / fastest; the kernels of one width and row
+count take turns call by call, so a slow spell of a shared machine falls on all of them alike. Results:
 ``benchmarks/results/cpu_linear.json`` with the CPU it ran on.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -77,13 +80,22 @@ def resident_bytes(name: str, layer: torch.nn.Module, size: int) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def time_call(fn, repeats: int) -> tuple[float, float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+def time_side_by_side(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Each call's times (seconds), the calls taking turns (in a rotating order) so that a slow
+    spell of a shared machine falls on all of them alike instead of on one kernel's whole run."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def best_and_spread(times: list[float]) -> tuple[float, float]:
     best = min(times)
     return best, (max(times) - best) / best
 
@@ -112,27 +124,49 @@ def main(argv: list[str] | None = None) -> int:
         ensure_model_parallel_initialized(1, 1)
         current_platform.import_kernels()
         for size in args.sizes:
+            dense_kernel, dense_layer = prepared_layer("dequant", size, size, args.bits[0])
+            dense_times: dict[int, list[float]] = {rows: [] for rows in args.rows}
             for bits in args.bits:
-                for name in KERNELS:
-                    if name == "dequant" and bits != args.bits[0]:
-                        continue  # dense is dense: one row per size
+                layers = {}
+                for name in KERNELS[1:]:
                     kernel, layer = prepared_layer(name, size, size, bits)
                     if kernel is None:
                         print(f"{size}^2 {bits}-bit {name}: cannot run here ({layer})", flush=True)
                         records.append({"size": size, "bits": bits, "kernel": LABELS[name], "unavailable": layer})
-                        continue
-                    for rows in args.rows:
-                        x = torch.randn(rows, size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-                        best, spread = time_call(lambda: kernel.apply_weights(layer, x), args.repeats)
-                        record = {"size": size, "bits": None if name == "dequant" else bits, "kernel": LABELS[name],
-                                  "rows": rows, "ms": round(best * 1e3, 3), "spread": round(spread, 3),
-                                  "bytes": resident_bytes(name, layer, size)}
+                    else:
+                        layers[name] = (kernel, layer)
+                if dense_kernel is not None:
+                    layers["dequant"] = (dense_kernel, dense_layer)
+                for rows in args.rows:
+                    x = torch.randn(rows, size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+                    calls = {name: functools.partial(kernel.apply_weights, layer, x) for name, (kernel, layer) in layers.items()}
+                    for name, times in time_side_by_side(calls, args.repeats).items():
+                        if name == "dequant":  # dense is dense: one record per size, from every width's turns
+                            dense_times[rows] += times
+                            continue
+                        best, spread = best_and_spread(times)
+                        record = {"size": size, "bits": bits, "kernel": LABELS[name], "rows": rows,
+                                  "ms": round(best * 1e3, 3), "spread": round(spread, 3),
+                                  "bytes": resident_bytes(name, layers[name][1], size)}
                         print(json.dumps(record), flush=True)
                         records.append(record)
-                    del kernel, layer
+                layers.pop("dequant", None)
+                del layers
+            if dense_kernel is None:
+                records.append({"size": size, "bits": None, "kernel": LABELS["dequant"], "unavailable": dense_layer})
+            for rows, times in dense_times.items():
+                if times:
+                    best, spread = best_and_spread(times)
+                    record = {"size": size, "bits": None, "kernel": LABELS["dequant"], "rows": rows,
+                              "ms": round(best * 1e3, 3), "spread": round(spread, 3),
+                              "bytes": resident_bytes("dequant", dense_layer, size)}
+                    print(json.dumps(record), flush=True)
+                    records.append(record)
+            del dense_kernel, dense_layer
     _add_ratios(records)
     payload = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "group_size": GROUP,
-               "activations": "bfloat16", "timing": f"best of {args.repeats} calls; spread (slowest - fastest) / fastest",
+               "activations": "bfloat16", "timing": (f"best of {args.repeats} calls per kernel, the kernels of one width and row count "
+                         "taking turns (dense: over every width's turns); spread (slowest - fastest) / fastest"),
                "note": args.note, "results": records}
     write_json_atomic(args.out, payload)
     print(f"written {args.out}")
