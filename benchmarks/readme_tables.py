@@ -6,7 +6,6 @@ rendered from one results file:
 * ``accuracy-table``, ``ablation-table``: benchmarks/results/accuracy_smollm2.json
 * ``serve-table``: benchmarks/results/serve_cpu.json
 * ``serve-load-table``: benchmarks/results/serve_load_cpu.json
-* ``serve-avx2-table``: benchmarks/results/serve_cpu_isa-avx2.json (``serve_throughput.py --isa-cap avx2``)
 
     python benchmarks/readme_tables.py            # rewrite README.md
     python benchmarks/readme_tables.py --check    # exit 1 if README.md is not what the files say
@@ -104,12 +103,8 @@ def _cpu_line(payload: dict) -> str:
 
 def serve_table(payload: dict) -> str:
     head = "| model | kernel | decode tok/s, batch 1 | decode tok/s, batch 8 | prefill tok/s | weights | start-up |"
-    cap = payload.get("isa_cap")
-    command = "benchmarks/serve_throughput.py" + (f" --isa-cap {cap['cap']}" if cap else "")
-    capped = (f" Capped by environment: {', '.join(f'`{k}={v}`' for k, v in cap['env'].items())} "
-              "(vLLM's own compiled CPU kernels are not)." if cap else "")
-    lines = [f"One run of `.venv-serve/bin/python {command}` ({payload.get('machine', '')}; "
-             f"{_cpu_line(payload)}; {payload.get('note', '')}). **bold**: what the plugin picks without any flag.{capped}",
+    lines = [f"One run of `.venv-serve/bin/python benchmarks/serve_throughput.py` ({payload.get('machine', '')}; "
+             f"{_cpu_line(payload)}; {payload.get('note', '')}). **bold**: what the plugin picks without any flag.",
              "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in payload["results"]:
         kernel = f"**{r['kernel']}**" if r.get("default") and r["model"].startswith("gsq") else r["kernel"]
@@ -144,9 +139,6 @@ def render() -> dict[str, str]:
     serving = RESULTS / "serve_cpu.json"
     if serving.exists():
         tables["serve-table"] = serve_table(json.loads(serving.read_text()))
-    capped = RESULTS / "serve_cpu_isa-avx2.json"
-    if capped.exists():
-        tables["serve-avx2-table"] = serve_table(json.loads(capped.read_text()))
     load = RESULTS / "serve_load_cpu.json"
     if load.exists():
         tables["serve-load-table"] = serve_load_table(json.loads(load.read_text()))

@@ -15,13 +15,6 @@ Every configuration runs in a fresh child process (one vLLM engine each) with ``
 * ``weight_bytes``    bytes of the model's parameters and buffers in the worker (dense weights that
   vLLM's CPU GEMM dispatch moved into prepacked oneDNN/SGL handles counted at their dense size)
 
-``--isa-cap avx2`` measures, on an AVX-512 machine, what a CPU without AVX-512 or bf16 instructions
-would see, as far as environment variables reach: oneDNN (``ONEDNN_MAX_CPU_ISA=AVX2``, the dense
-GEMMs of vLLM and PyTorch), PyTorch's own kernels (``ATEN_CPU_CAPABILITY=avx2``) and GSQ's kernels
-(``GSQ_VLLM_CPU_ISA=avx2``) are capped; vLLM's own compiled CPU kernels (attention, norms) are not.
-It adds the fp32 model (the bf16 checkpoint served in fp32), since without bf16 instructions fp32
-may be the faster dense baseline, and writes ``serve_<device>_isa-avx2.json``.
-
 Checkpoints come from ``scripts/make_checkpoints.py`` (run in ``.venv``, cached under
 ``.cache/gsq-vllm/checkpoints``). Results: ``benchmarks/results/serve_<device>.json`` and a table.
 On CUDA the same script runs GSQ through Marlin (int4 container), the Triton kernels and the
@@ -49,8 +42,6 @@ MAKE_CHECKPOINTS = REPO / "scripts" / "make_checkpoints.py"
 QUANTIZE_PYTHON = REPO / ".venv" / "bin" / "python"
 NEW_TOKENS = 128
 PREFILL_PROMPTS, PREFILL_LEN = 2, 256
-#: environment that caps the instruction sets (``--isa-cap``): see the module docstring
-ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "GSQ_VLLM_CPU_ISA": "avx2"}}
 CHILD_TIMEOUT_S = 900
 REPEATS = 3
 
@@ -91,7 +82,7 @@ def run_child(spec: dict) -> dict:
     start = time.perf_counter()
     llm = LLM(
         model=spec["path"],
-        dtype=spec.get("dtype", "bfloat16"),
+        dtype="bfloat16",
         max_model_len=2048,
         enforce_eager=on_cpu,
         enable_prefix_caching=False,
@@ -168,7 +159,7 @@ def probe_kernels() -> dict:
 def checkpoint(kind: str) -> Path:
     from gsq_vllm.data import cache_dir, default_model_dir
 
-    if kind in ("bf16", "fp32"):  # fp32: the same checkpoint served in fp32
+    if kind == "bf16":
         return default_model_dir()
     path = cache_dir() / "checkpoints" / kind
     if not (path / "config.json").is_file():
@@ -177,12 +168,10 @@ def checkpoint(kind: str) -> Path:
     return path
 
 
-def configurations(probe: dict, with_fp32: bool = False) -> list[dict]:
+def configurations(probe: dict) -> list[dict]:
     """(model, kernel, env) triples for this platform."""
     usable = [name for name in probe["order"] if probe["kernels"][name]["ok"]]
-    configs = [{"model": "fp32", "kernel": "stock (dense fp32)", "env": {}, "default": True, "dtype": "float32"}]
-    configs = configs if with_fp32 else []
-    configs += [
+    configs = [
         {"model": "bf16", "kernel": "stock (dense bf16)", "env": {}, "default": True},
         {"model": "gptq-w4", "kernel": "stock (vLLM W4A16)", "env": {}, "default": True},
     ]
@@ -199,8 +188,7 @@ def run_config(config: dict, log_dir: Path) -> dict:
     log = log_dir / f"{config['model']}-{re.sub(r'[^a-z0-9]+', '-', config['kernel'].lower()).strip('-')}.log"
     result_file = log.with_suffix(".json")
     result_file.unlink(missing_ok=True)
-    spec = {"path": str(checkpoint(config["model"])), "result_file": str(result_file),
-            "dtype": config.get("dtype", "bfloat16")}
+    spec = {"path": str(checkpoint(config["model"])), "result_file": str(result_file)}
     env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": "2",
@@ -254,8 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="model[:kernel] filters, e.g. bf16 gsq-w2:torch-int4")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
-    parser.add_argument("--isa-cap", choices=sorted(ISA_CAPS), help="cap the instruction sets by environment "
-                        "(an AVX2 CPU as far as the caps reach; see the module docstring)")
     parser.add_argument("--from-log", type=Path, help="write the results file from the records a run printed "
                         "(a run whose final write failed), instead of running")
     args = parser.parse_args(argv)
@@ -267,20 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         print("PROBE " + json.dumps(probe_kernels()), flush=True)
         return 0
 
-    if args.isa_cap:
-        os.environ.update(ISA_CAPS[args.isa_cap])  # the probe and every engine inherit it
     probe_run = subprocess.run([sys.executable, __file__, "--probe"], cwd=REPO, capture_output=True, text=True, timeout=300)
     probe_lines = [line for line in probe_run.stdout.splitlines() if line.startswith("PROBE ")]
     if not probe_lines:
         raise SystemExit(f"kernel probe failed:\n{probe_run.stderr[-3000:]}")
     probe = json.loads(probe_lines[-1][len("PROBE ") :])
-    probe["isa_cap"] = {"cap": args.isa_cap, "env": ISA_CAPS[args.isa_cap]} if args.isa_cap else None
     if args.from_log:
         printed = [line.strip() for line in args.from_log.read_text().splitlines() if line.startswith("   {")]
         results = [json.loads(line) for line in printed]
         note = f"{args.note} (records taken from the printed log of that run)".strip()
         return write_results(args.out, probe, results, note, None)
-    configs = configurations(probe, with_fp32=bool(args.isa_cap))
+    configs = configurations(probe)
     if args.only:
         keep = lambda c: any(  # noqa: E731
             f == c["model"] or f == f"{c['model']}:{c['kernel']}" for f in args.only
@@ -301,15 +284,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_results(folder: Path, probe: dict, results: list[dict], note: str, wall_s: float | None) -> int:
-    cap = probe.get("isa_cap")
-    out = folder / (f"serve_{probe['device']}" + (f"_isa-{cap['cap']}" if cap else "") + ".json")
+    out = folder / f"serve_{probe['device']}.json"
     payload = {
         "device": probe["device"],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "cpu": cpu_description(),
-        "isa_cap": cap,
         "settings": {
-            "dtype": "bfloat16 (fp32 rows: float32)",
+            "dtype": "bfloat16",
             "max_model_len": 2048,
             "enforce_eager": probe["device"] == "cpu",
             "new_tokens": NEW_TOKENS,
