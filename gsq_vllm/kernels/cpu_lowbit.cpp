@@ -672,14 +672,31 @@ GSQ_INLINE void multiply_2x2_blocks_scaled(const uint16_t* x, int64_t ldx, int64
   asm volatile("" : : : "memory");
 }
 
+// rows x cols (16 or 32) fp32 sums from a staging buffer (row stride 32) to the bf16 output,
+// rounded to nearest even as Tensor.to(bfloat16) rounds: no fp32 [M, N] result to write, read back
+// and convert (for a 512-row prefill of a 576 -> 1536 layer that pass cost as much as a fifth of
+// the multiply).
+GSQ_INLINE void store_rows_bf16(const float* stage, int64_t rows, int cols, uint16_t* y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 lo = _mm512_load_ps(stage + 32 * r);
+    if (cols == 32) {
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(stage + 32 * r + 16), lo);
+      _mm512_storeu_si512(y + r * ldy, both);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ldy), (__m256i)_mm512_cvtneps_pbh(lo));
+    }
+  }
+}
+
 // More than 16 rows: each block is unpacked once (blocks in batches of about 1 MiB of bf16, which
-// stay in L2) and multiplied by every pass of 16 rows, blocks taking the two sums tiles in turn.
+// stay in L2) and multiplied by every pass of 32 rows (then 16), blocks taking the sums tiles in
+// pairs; the sums go through a small staging buffer into the bf16 output y.
 template <int BITS>
 void gemm_many_rows_amx(const uint16_t* x, int64_t M, int64_t K, const int32_t* low, const int32_t* high,
-                        const float* scales, int64_t N, int64_t group, float* y, int64_t begin, int64_t end,
+                        const float* scales, int64_t N, int64_t group, uint16_t* y, int64_t begin, int64_t end,
                         uint16_t* unpacked) {
   const int64_t per_block = K * 16, batch = unpacked_batch(K);
-  alignas(64) float spare[32 * 16];
+  alignas(64) float stage[32 * 32];  // [rows][two blocks' 16 outputs]
   for (int64_t b0 = begin; b0 < end; b0 += batch) {
     const int64_t b1 = std::min(end, b0 + batch);
     for (int64_t b = b0; b < b1; ++b)
@@ -693,14 +710,13 @@ void gemm_many_rows_amx(const uint16_t* x, int64_t M, int64_t K, const int32_t* 
         load_tile_config(tile_rows);
         configured = tile_rows;
       }
-      for (int64_t b = b0; b < b1; b += 2) {  // an odd last block is paired with itself, into a spare
+      for (int64_t b = b0; b < b1; b += 2) {  // an odd last block is paired with itself (half stored)
         const bool pair = b + 1 < b1;
         const uint16_t* w0 = unpacked + (b - b0) * per_block;
         const uint16_t* w1 = pair ? w0 + per_block : w0;
-        float* y0 = y + m * N + 16 * b;
-        float* y1 = pair ? y0 + 16 : spare;
-        if (rows == 32) multiply_2x2_blocks_scaled(x + m * K, K, K, w0, w1, y0, y1, N, pair ? N : 16);
-        else multiply_two_blocks_scaled(x + m * K, K, K, w0, w1, y0, y1, N, pair ? N : 16);
+        if (rows == 32) multiply_2x2_blocks_scaled(x + m * K, K, K, w0, w1, stage, stage + 16, 32, 32);
+        else multiply_two_blocks_scaled(x + m * K, K, K, w0, w1, stage, stage + 16, 32, 32);
+        store_rows_bf16(stage, rows, pair ? 32 : 16, y + m * N + 16 * b, N);
       }
       m += rows;
     }
@@ -717,7 +733,7 @@ void gemm_block_amx(const uint16_t*, int64_t, int64_t, int64_t, const int32_t*, 
                     float*, int64_t, int64_t) {}
 template <int BITS>
 void gemm_many_rows_amx(const uint16_t*, int64_t, int64_t, const int32_t*, const int32_t*, const float*, int64_t,
-                        int64_t, float*, int64_t, int64_t, uint16_t*) {}
+                        int64_t, uint16_t*, int64_t, int64_t, uint16_t*) {}
 #endif
 
 // ------------------------------------------------------------------------------------ dispatch
@@ -851,23 +867,25 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& low, const c10::opti
   at::Tensor corr;
   if (offset) std::tie(xin, corr) = prescale_for_offset(xin, group);
   const float* cp = offset ? corr.data_ptr<float>() : nullptr;
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const void* xp = xin.data_ptr();
   const int32_t* lp = low.data_ptr<int32_t>();
   const int32_t* hp = bits == 3 ? high->data_ptr<int32_t>() : nullptr;
   const float* sp = scales.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   // a task is a few blocks of 16 output rows: at least ~16 KiB of codes
   const int64_t grain = std::max<int64_t>(1, 16384 * 8 / (16 * bits * std::max<int64_t>(K, 1)));
-  if (isa == Isa::kAmx && M > 16) {
+  if (isa == Isa::kAmx && M > 16) {  // bf16 x (see above): bf16 y straight from the tiles
+    at::Tensor out = at::empty({M, N}, x.options());
+    uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
     at::parallel_for(0, N / 16, grain, [&](int64_t begin, int64_t end) {
       const uint16_t* xb = static_cast<const uint16_t*>(xp);
       uint16_t* unpacked = thread_scratch(std::min(end - begin, unpacked_batch(K)) * K * 16);
-      if (bits == 2) gemm_many_rows_amx<2>(xb, M, K, lp, hp, sp, N, group, yp, begin, end, unpacked);
-      else gemm_many_rows_amx<3>(xb, M, K, lp, hp, sp, N, group, yp, begin, end, unpacked);
+      if (bits == 2) gemm_many_rows_amx<2>(xb, M, K, lp, hp, sp, N, group, op, begin, end, unpacked);
+      else gemm_many_rows_amx<3>(xb, M, K, lp, hp, sp, N, group, op, begin, end, unpacked);
     });
-    return y.to(x.scalar_type());
+    return out;
   }
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
   at::parallel_for(0, N / 16, grain, [&](int64_t begin, int64_t end) {
     // here with AMX at most 16 rows: from kAmxMinRows rows on through the tiles, fewer on dot products
     const bool tiles = isa == Isa::kAmx && M >= kAmxMinRows;

@@ -8,9 +8,10 @@ Per call, by the number of rows (tokens) M:
 
 * ``M < dense_from_rows``: ``gsq_cpu::lowbit_mm``, which decodes the planes in registers (decode,
   small batches: bytes dominate; with AMX, 3 rows or more through the tile multiply);
-* larger M (prefill, large batches): ``gsq_cpu::lowbit_dense_mm`` rebuilds the layer's weight in
-  one pass into a scratch buffer shared by every layer, and PyTorch's dense GEMM (oneDNN)
-  multiplies it: the rebuild is amortised over the rows, and no second copy stays resident.
+* larger M (prefill, large batches) without AMX: ``gsq_cpu::lowbit_dense_mm`` rebuilds the
+  layer's weight in one pass into a scratch buffer shared by every layer, and PyTorch's dense GEMM
+  (oneDNN) multiplies it: the rebuild is amortised over the rows, and no second copy stays
+  resident. With AMX and bf16 activations the tiles stay ahead at every measured size.
 
 The crossover ``DENSE_FROM_ROWS`` is measured by ``benchmarks/cpu_linear.py``.
 """
@@ -27,15 +28,18 @@ from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel, register
 #: rows from which a call rebuilds the weight and runs a dense GEMM instead of the low-bit kernel
 #: (measured on the default model's layer shapes, 2-core AVX-512 BF16 machine: see the issue-14 note)
 DENSE_FROM_ROWS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 32}
-#: bf16 on a CPU with AMX tiles: the low-bit kernel (16 rows per tile multiply; beyond 16 rows each
-#: block's weight unpacked once, its scales applied in bf16 as the rebuild does) stays ahead of the
-#: rebuild up to about 512 rows (default model's 1536 x 576 layer, 3-bit, 2 cores: 128 rows
-#: 0.15 ms vs 0.28 ms, 256 rows 0.28 ms vs 0.33 ms, 512 rows 0.55 ms vs 0.54 ms)
-DENSE_FROM_ROWS_AMX_BF16 = 512
+#: bf16 on a CPU with AMX tiles: never. The low-bit kernel (16 rows per tile multiply; beyond 16
+#: rows each block's weight unpacked once, its scales applied in bf16 as the rebuild does, 32 rows
+#: by two blocks per step, bf16 results written straight from the tiles) beats the rebuilt weight at
+#: every size measured (3-bit, 2 cores, tiles vs rebuild: 1536 x 576 at 512 / 2048 rows 0.34 / 1.16
+#: ms vs 0.44 / 1.33 ms; 576 x 1536 0.31 / 1.25 vs 0.49 / 1.45; 4096 x 4096 6.9 / 26.6 vs 9.3 / 33.3;
+#: 11008 x 4096 19.0 / 85.7 vs 35.9 / 109.9)
+DENSE_FROM_ROWS_AMX_BF16 = None
 
 
-def dense_from_rows(act_type: torch.dtype) -> int:
-    """Rows from which a call takes the rebuilt dense weight, for this CPU and activation dtype."""
+def dense_from_rows(act_type: torch.dtype) -> int | None:
+    """Rows from which a call takes the rebuilt dense weight, for this CPU and activation dtype
+    (None: never)."""
     if act_type == torch.bfloat16 and cpu_lowbit.isa() == "amx":
         return DENSE_FROM_ROWS_AMX_BF16
     return DENSE_FROM_ROWS[act_type]
@@ -68,7 +72,7 @@ class GSQCPULowbitLinearKernel(GSQLinearKernel):
 
     def uses_dense(self, rows: int) -> bool:
         """Whether a call with ``rows`` rows rebuilds the weight for a dense GEMM."""
-        return rows >= self.dense_from_rows
+        return self.dense_from_rows is not None and rows >= self.dense_from_rows
 
     def apply_weights(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
