@@ -16,6 +16,12 @@ Each kernel is the plugin's own class (``can_implement`` / ``process_weights_aft
 * ``cpu-wna16``: vLLM's CPU W4A16 op on the int4 container (what stock GPTQ W4A16 runs; AVX-512
   builds only).
 
+``--isa-cap avx2`` reruns itself with oneDNN, PyTorch's kernels and GSQ's capped at AVX2 by
+environment (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``, ``GSQ_VLLM_CPU_ISA``): an AVX-512
+machine's estimate of a CPU without AVX-512 or bf16 instructions (vLLM's own compiled CPU ops are
+not capped; a whole engine cannot be, see README), with the fp32 dense layer added, since without
+bf16 instructions fp32 may be the faster dense baseline. Results: ``cpu_linear_isa-avx2.json``.
+
 On the int4 container a 2/3-bit layer moves as many bytes as a 4-bit one; the ``bytes`` column
 says what each kernel keeps resident. Every timing is the best of ``--repeats`` calls
 after a warm-up, with the spread (slowest - fastest) / fastest; the kernels of one width and row
@@ -28,6 +34,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -40,23 +48,29 @@ from gsq_vllm.machine import cpu_description
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUP = 64
 KERNELS = ("dequant", "cpu-lowbit", "torch-int4", "cpu-wna16")
-LABELS = {"dequant": "dense (vLLM CPU GEMM)", "cpu-lowbit": "cpu-lowbit (2/3-bit planes)", "torch-int4": "torch-int4", "cpu-wna16": "cpu-wna16 (stock W4A16 op)"}
+LABELS = {"dequant": "dense (vLLM CPU GEMM)", "cpu-lowbit": "cpu-lowbit (2/3-bit planes)", "torch-int4": "torch-int4",
+          "cpu-wna16": "cpu-wna16 (stock W4A16 op)", "dequant-fp32": "dense fp32 (vLLM CPU GEMM)"}
+#: ``--isa-cap avx2``: a CPU without AVX-512 or bf16 instructions, as far as environment variables
+#: reach in one process: oneDNN (the dense GEMMs), PyTorch's kernels and GSQ's (see main)
+ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "GSQ_VLLM_CPU_ISA": "avx2"}}
 
 
-def layer_config(k: int, n: int, bits: int):
+def layer_config(k: int, n: int, bits: int, act: torch.dtype = torch.bfloat16):
     from vllm.model_executor.kernels.linear import MPLinearLayerConfig
 
     from gsq_vllm.serving.scheme import GSQ_SCALAR_TYPES
 
-    return MPLinearLayerConfig((k, n), (k, n), GSQ_SCALAR_TYPES[bits], torch.bfloat16, GROUP, False)
+    return MPLinearLayerConfig((k, n), (k, n), GSQ_SCALAR_TYPES[bits], act, GROUP, False)
 
 
 def prepared_layer(name: str, k: int, n: int, bits: int):
-    """(kernel, layer) ready to run, or (None, reason) where the kernel cannot run here."""
+    """(kernel, layer) ready to run, or (None, reason) where the kernel cannot run here
+    (``dequant-fp32``: the dense kernel with fp32 activations, an fp32 model's layer)."""
     from gsq_vllm.serving.linear_kernels import KERNELS_BY_NAME
 
-    kernel_cls = KERNELS_BY_NAME[name]
-    config = layer_config(k, n, bits)
+    act = torch.float32 if name == "dequant-fp32" else torch.bfloat16
+    kernel_cls = KERNELS_BY_NAME[name.removesuffix("-fp32")]
+    config = layer_config(k, n, bits, act)
     ok, reason = kernel_cls.can_implement(config)
     if not ok:
         return None, reason
@@ -65,7 +79,7 @@ def prepared_layer(name: str, k: int, n: int, bits: int):
     layer = torch.nn.Module()
     layer.bias = None
     layer.gsq_codes = torch.randint(low, high + 1, (n, k), dtype=torch.int8, generator=generator)
-    layer.gsq_scales = ((torch.rand(n, k // GROUP, generator=generator) - 0.5) / 50).to(torch.bfloat16)
+    layer.gsq_scales = ((torch.rand(n, k // GROUP, generator=generator) - 0.5) / 50).to(act)
     kernel = kernel_cls(config, layer_name=f"{n}x{k}")
     kernel.process_weights_after_loading(layer)
     return kernel, layer
@@ -74,8 +88,8 @@ def prepared_layer(name: str, k: int, n: int, bits: int):
 def resident_bytes(name: str, layer: torch.nn.Module, size: int) -> int:
     """Bytes the layer keeps; vLLM's dense dispatch moves its weight into a prepacked handle that is
     no parameter, so the dense layer is counted at its bf16 size."""
-    if name == "dequant":
-        return size * size * 2
+    if name.startswith("dequant"):
+        return size * size * (4 if name.endswith("fp32") else 2)
     tensors = list(layer.parameters()) + list(layer.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -108,7 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu_linear.json")
     parser.add_argument("--note", default="")
+    parser.add_argument("--isa-cap", choices=sorted(ISA_CAPS), help="cap the instruction sets by environment "
+                        "(adds fp32 dense; results in cpu_linear_isa-<cap>.json)")
     args = parser.parse_args(argv)
+    if args.isa_cap and any(os.environ.get(k) != v for k, v in ISA_CAPS[args.isa_cap].items()):
+        # the caps must be in place before PyTorch and oneDNN pick their code paths: start again
+        env = {**os.environ, **ISA_CAPS[args.isa_cap]}
+        os.execve(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)], env)
+    if args.isa_cap and args.out == RESULTS / "cpu_linear.json":
+        args.out = RESULTS / f"cpu_linear_isa-{args.isa_cap}.json"
+    dense_names = ("dequant", "dequant-fp32") if args.isa_cap else ("dequant",)
 
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
@@ -124,25 +147,30 @@ def main(argv: list[str] | None = None) -> int:
         ensure_model_parallel_initialized(1, 1)
         current_platform.import_kernels()
         for size in args.sizes:
-            dense_kernel, dense_layer = prepared_layer("dequant", size, size, args.bits[0])
-            dense_times: dict[int, list[float]] = {rows: [] for rows in args.rows}
+            dense = {name: prepared_layer(name, size, size, args.bits[0]) for name in dense_names}
+            dense_times: dict[tuple[str, int], list[float]] = {}
             for bits in args.bits:
                 layers = {}
                 for name in KERNELS[1:]:
+                    if args.isa_cap and name == "cpu-wna16":  # vLLM's op: AVX-512 builds, AMX above one row
+                        records.append({"size": size, "bits": bits, "kernel": LABELS[name],
+                                        "unavailable": "needs AVX-512 (vLLM's W4A16 CPU op), not capped"})
+                        continue
                     kernel, layer = prepared_layer(name, size, size, bits)
                     if kernel is None:
                         print(f"{size}^2 {bits}-bit {name}: cannot run here ({layer})", flush=True)
                         records.append({"size": size, "bits": bits, "kernel": LABELS[name], "unavailable": layer})
                     else:
                         layers[name] = (kernel, layer)
-                if dense_kernel is not None:
-                    layers["dequant"] = (dense_kernel, dense_layer)
+                layers.update({name: pair for name, pair in dense.items() if pair[0] is not None})
                 for rows in args.rows:
-                    x = torch.randn(rows, size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-                    calls = {name: functools.partial(kernel.apply_weights, layer, x) for name, (kernel, layer) in layers.items()}
+                    x = torch.randn(rows, size, generator=torch.Generator().manual_seed(1))
+                    calls = {name: functools.partial(kernel.apply_weights, layer,
+                                                     x if name.endswith("fp32") else x.to(torch.bfloat16))
+                             for name, (kernel, layer) in layers.items()}
                     for name, times in time_side_by_side(calls, args.repeats).items():
-                        if name == "dequant":  # dense is dense: one record per size, from every width's turns
-                            dense_times[rows] += times
+                        if name in dense:  # dense is dense: one record per size, from every width's turns
+                            dense_times.setdefault((name, rows), []).extend(times)
                             continue
                         best, spread = best_and_spread(times)
                         record = {"size": size, "bits": bits, "kernel": LABELS[name], "rows": rows,
@@ -150,21 +178,21 @@ def main(argv: list[str] | None = None) -> int:
                                   "bytes": resident_bytes(name, layers[name][1], size)}
                         print(json.dumps(record), flush=True)
                         records.append(record)
-                layers.pop("dequant", None)
                 del layers
-            if dense_kernel is None:
-                records.append({"size": size, "bits": None, "kernel": LABELS["dequant"], "unavailable": dense_layer})
-            for rows, times in dense_times.items():
-                if times:
-                    best, spread = best_and_spread(times)
-                    record = {"size": size, "bits": None, "kernel": LABELS["dequant"], "rows": rows,
-                              "ms": round(best * 1e3, 3), "spread": round(spread, 3),
-                              "bytes": resident_bytes("dequant", dense_layer, size)}
-                    print(json.dumps(record), flush=True)
-                    records.append(record)
-            del dense_kernel, dense_layer
+            for name, (kernel, reason) in dense.items():
+                if kernel is None:
+                    records.append({"size": size, "bits": None, "kernel": LABELS[name], "unavailable": reason})
+            for (name, rows), times in dense_times.items():
+                best, spread = best_and_spread(times)
+                record = {"size": size, "bits": None, "kernel": LABELS[name], "rows": rows,
+                          "ms": round(best * 1e3, 3), "spread": round(spread, 3),
+                          "bytes": resident_bytes(name, dense[name][1], size)}
+                print(json.dumps(record), flush=True)
+                records.append(record)
+            del dense
     _add_ratios(records)
-    payload = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "group_size": GROUP,
+    payload = {"cpu": cpu_description(), "isa_cap": {"cap": args.isa_cap, "env": ISA_CAPS[args.isa_cap]} if args.isa_cap else None,
+               "threads": torch.get_num_threads(), "group_size": GROUP,
                "activations": "bfloat16", "timing": (f"best of {args.repeats} calls per kernel, the kernels of one width and row count "
                          "taking turns (dense: over every width's turns); spread (slowest - fastest) / fastest"),
                "note": args.note, "results": records}
@@ -175,12 +203,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _add_ratios(records: list[dict]) -> None:
     """``x_dense``: dense time / this time (above 1: faster than the bf16 model's layer);
+    ``x_dense_fp32``: the same against the fp32 model's layer (``--isa-cap`` runs);
     ``x_int4``: torch-int4's time at the same width / this time (the int4 container)."""
     dense = {(r["size"], r["rows"]): r["ms"] for r in records if r["kernel"] == LABELS["dequant"] and "ms" in r}
+    fp32 = {(r["size"], r["rows"]): r["ms"] for r in records if r["kernel"] == LABELS["dequant-fp32"] and "ms" in r}
     int4 = {(r["size"], r["rows"], r["bits"]): r["ms"] for r in records if r["kernel"] == LABELS["torch-int4"] and "ms" in r}
     for r in records:
         if "ms" in r and (r["size"], r["rows"]) in dense:
             r["x_dense"] = round(dense[(r["size"], r["rows"])] / r["ms"], 2)
+        if "ms" in r and (r["size"], r["rows"]) in fp32:
+            r["x_dense_fp32"] = round(fp32[(r["size"], r["rows"])] / r["ms"], 2)
         if "ms" in r and (r["size"], r["rows"], r["bits"]) in int4:
             r["x_int4"] = round(int4[(r["size"], r["rows"], r["bits"])] / r["ms"], 2)
 

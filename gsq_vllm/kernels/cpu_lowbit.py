@@ -13,7 +13,8 @@ in their own slot order (:func:`gsq_vllm.kernels.planes.pack_kernel_planes` with
   bf16 activations use the bf16 dot-product instruction; every other case widens x to fp32.
 * ``torch.ops.gsq_cpu.lowbit_dense_mm(x, low, high, scales, bits, G) -> [M, N]``: for large M
   (prefill): the weight rebuilt in one pass into a scratch buffer the op keeps, then PyTorch's
-  dense GEMM (bf16 x: a bf16 GEMM; otherwise fp32).
+  dense GEMM (bf16 x on a CPU with AVX-512 BF16: a bf16 GEMM; otherwise fp32, since PyTorch's bf16
+  GEMM without those instructions is far slower than its fp32 one).
 * ``torch.ops.gsq_cpu.lowbit_dequantize_t(low, high, scales, bits, G, dtype) -> [K, N]``: the
   weight, transposed, fp32 or bf16 (tests, inspection).
 

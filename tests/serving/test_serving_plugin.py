@@ -229,14 +229,21 @@ def test_torch_int4_switches_to_a_dequantised_dense_gemm_at_its_threshold(vllm_t
 
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("bits", [2, 3])
-def test_cpu_lowbit_switches_to_a_rebuilt_dense_weight_at_its_threshold(vllm_tp1, bits, act):
+@pytest.mark.parametrize("forced_isa", [None, "avx512-bf16", "avx2"], ids=["this-cpu", "avx512-bf16", "avx2"])
+def test_cpu_lowbit_switches_to_a_rebuilt_dense_weight_at_its_threshold(vllm_tp1, bits, act, forced_isa, monkeypatch):
     """Below DENSE_FROM_ROWS rows the C++ low-bit GEMM, from there on the weight rebuilt from the
-    same planes (no other copy kept) and a dense GEMM; both equal the reference."""
+    same planes (no other copy kept) and a dense GEMM; both equal the reference. Without bf16
+    instructions bf16 activations take the fp32 threshold (and fp32 GEMMs)."""
     from gsq_vllm.kernels import cpu_lowbit
     from gsq_vllm.serving.linear_kernels.cpu_lowbit import GSQCPULowbitLinearKernel, dense_from_rows
 
     if cpu_lowbit.unavailable_reason():
         pytest.skip(f"native CPU kernels unavailable: {cpu_lowbit.unavailable_reason()}")
+    if forced_isa:
+        order = ["amx", "avx512-bf16", "avx512", "avx2"]
+        if order.index(cpu_lowbit.isa()) > order.index(forced_isa):
+            pytest.skip(f"this CPU ({cpu_lowbit.isa()}) cannot run the {forced_isa} path")
+        monkeypatch.setenv("GSQ_VLLM_CPU_ISA", forced_isa)
     k, n = 256, 128
     codes, scales = random_codes(n, k, bits), random_scales(n, k // GROUP).to(act)
     layer = torch.nn.Module()
@@ -252,7 +259,8 @@ def test_cpu_lowbit_switches_to_a_rebuilt_dense_weight_at_its_threshold(vllm_tp1
         assert threshold is None and not kernel.uses_dense(1 << 20)
         cases = ((1, False), (600, False))
     else:
-        assert threshold == {torch.bfloat16: 16, torch.float32: 32}[act]
+        native_bf16 = act == torch.bfloat16 and cpu_lowbit.isa() == "avx512-bf16"
+        assert threshold == (16 if native_bf16 else 32)
         cases = ((1, False), (threshold - 1, False), (threshold, True), (threshold + 100, True))
     for rows, dense in cases:
         assert kernel.uses_dense(rows) is dense

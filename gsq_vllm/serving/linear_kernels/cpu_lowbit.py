@@ -40,8 +40,11 @@ DENSE_FROM_ROWS_AMX_BF16 = None
 def dense_from_rows(act_type: torch.dtype) -> int | None:
     """Rows from which a call takes the rebuilt dense weight, for this CPU and activation dtype
     (None: never)."""
-    if act_type == torch.bfloat16 and cpu_lowbit.isa() == "amx":
+    isa = cpu_lowbit.isa()
+    if act_type == torch.bfloat16 and isa == "amx":
         return DENSE_FROM_ROWS_AMX_BF16
+    if act_type == torch.bfloat16 and isa != "avx512-bf16":  # no bf16 instructions: fp32 math throughout
+        return DENSE_FROM_ROWS[torch.float32]
     return DENSE_FROM_ROWS[act_type]
 
 
