@@ -28,7 +28,8 @@
 //   as a 16 x 32 bf16 weight tile per 32 inputs, and one tile multiply (tdpbf16ps) for up to 16
 //   rows: the unpacking is paid once per weight instead of once per four rows. Beyond 16 rows,
 //   each block is unpacked once into a per-thread buffer, its scales applied and rounded to bf16
-//   (the numbers of lowbit_dense_mm's rebuilt weight), and multiplied by every 16 rows.
+//   (the numbers of lowbit_dense_mm's rebuilt weight), and multiplied by every 32 rows (then 16)
+//   two blocks at a time, the bf16 results written straight from the tiles: prefill included.
 // Sums run per group in several independent accumulators (FMA latency), then are scaled by the
 // 16 rows' scales into the total.
 //
