@@ -109,9 +109,13 @@ def time_side_by_side(calls: dict[str, Callable[[], object]], repeats: int) -> d
     return times
 
 
-def best_and_spread(times: list[float]) -> tuple[float, float]:
+def timing_record(size: int, bits: int | None, name: str, rows: int, times: list[float], nbytes: int) -> dict:
+    """One result: the best time and the spread (slowest - fastest) / fastest; printed as it comes."""
     best = min(times)
-    return best, (max(times) - best) / best
+    record = {"size": size, "bits": bits, "kernel": LABELS[name], "rows": rows, "ms": round(best * 1e3, 3),
+              "spread": round((max(times) - best) / best, 3), "bytes": nbytes}
+    print(json.dumps(record), flush=True)
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,23 +176,14 @@ def main(argv: list[str] | None = None) -> int:
                         if name in dense:  # dense is dense: one record per size, from every width's turns
                             dense_times.setdefault((name, rows), []).extend(times)
                             continue
-                        best, spread = best_and_spread(times)
-                        record = {"size": size, "bits": bits, "kernel": LABELS[name], "rows": rows,
-                                  "ms": round(best * 1e3, 3), "spread": round(spread, 3),
-                                  "bytes": resident_bytes(name, layers[name][1], size)}
-                        print(json.dumps(record), flush=True)
-                        records.append(record)
+                        records.append(timing_record(size, bits, name, rows, times,
+                                                     resident_bytes(name, layers[name][1], size)))
                 del layers
             for name, (kernel, reason) in dense.items():
                 if kernel is None:
                     records.append({"size": size, "bits": None, "kernel": LABELS[name], "unavailable": reason})
             for (name, rows), times in dense_times.items():
-                best, spread = best_and_spread(times)
-                record = {"size": size, "bits": None, "kernel": LABELS[name], "rows": rows,
-                          "ms": round(best * 1e3, 3), "spread": round(spread, 3),
-                          "bytes": resident_bytes(name, dense[name][1], size)}
-                print(json.dumps(record), flush=True)
-                records.append(record)
+                records.append(timing_record(size, None, name, rows, times, resident_bytes(name, dense[name][1], size)))
             del dense
     _add_ratios(records)
     payload = {"cpu": cpu_description(), "isa_cap": {"cap": args.isa_cap, "env": ISA_CAPS[args.isa_cap]} if args.isa_cap else None,

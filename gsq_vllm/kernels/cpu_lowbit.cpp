@@ -18,7 +18,7 @@
 // * 2-bit offset path (any activation dtype on AVX-512F, below the AMX row count; the 2-bit
 //   default there): the code's bits placed in the mantissa of 1.0f make the float 1 + u * 2^-e
 //   with one bitwise instruction, x comes prescaled by 2^e and each group's sum corrected by a
-//   per-row constant (gemm_block_offset: faster, a little less precise).
+//   per-row constant (gemm_block_512's OFFSET: faster, a little less precise).
 // * bf16 path (bf16 activations on AVX-512 BF16 CPUs): a 16-bit shift puts the pairs (k, k+1) and
 //   (k+2, k+3) of each row in the low bits of the two halves of its lane, a 16-bit permute per pair
 //   makes them bf16 levels (exact; its table reads the pair's bits where they are, so one shift
@@ -167,40 +167,6 @@ GSQ_INLINE __m512 levels_512(__m512i low, __m512i high, __m512 table) {
   return _mm512_permutexvar_ps(index, table);  // uses the index's low 4 bits
 }
 
-// y[m][n0:n0+16] for ROWS rows of fp32 x, the whole K.
-template <int BITS, int ROWS>
-void gemm_block_512(const float* x, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
-                    const float* scales, int64_t N, int64_t group, float* y, int64_t ldy, int64_t n0) {
-  constexpr int CH = chains(ROWS);
-  const __m512 table = table_512<BITS>();
-  __m512 total[ROWS];
-  for (int r = 0; r < ROWS; ++r) total[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < K / group; ++g) {
-    __m512 sum[ROWS][CH];
-    for (int r = 0; r < ROWS; ++r)
-      for (int c = 0; c < CH; ++c) sum[r][c] = _mm512_setzero_ps();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-      const __m512i hiword = BITS == 3 ? _mm512_loadu_si512(high + (k / 32) * 16) : _mm512_setzero_si512();
-      unroll<2>([&](auto h) {
-        const __m512i word = _mm512_loadu_si512(low + (k / 16 + h) * 16);
-        const float* xk = x + k + 16 * h;
-        unroll<16>([&](auto s) {
-          const __m512 value = levels_512<BITS, h, s>(word, hiword, table);
-          for (int r = 0; r < ROWS; ++r)
-            sum[r][s % CH] = _mm512_fmadd_ps(value, _mm512_set1_ps(xk[r * ldx + s]), sum[r][s % CH]);
-        });
-      });
-    }
-    const __m512 scale = _mm512_loadu_ps(scales + g * 16);
-    for (int r = 0; r < ROWS; ++r) {
-      __m512 acc = sum[r][0];
-      for (int c = 1; c < CH; ++c) acc = _mm512_add_ps(acc, sum[r][c]);
-      total[r] = _mm512_fmadd_ps(acc, scale, total[r]);
-    }
-  }
-  for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(y + r * ldy + n0, total[r]);
-}
-
 // ---- 2-bit codes read as floats (AVX-512F, any activation dtype widened to fp32)
 // A code u in mantissa bits b, b+1 of 1.0f reads as the float 1 + u * 2^(b-23): one bitwise
 // instruction ((view & mask) | 1.0f, vpternlogd) makes 16 rows' values of a slot, where the table
@@ -219,11 +185,15 @@ constexpr int offset_view(int s) { return low_shift(s) / 8; }  // code bits 0-6,
 constexpr int kOffsetViewShift[4] = {15, 7, -1, -9};               // left shift of each view (< 0: right)
 constexpr int offset_bit(int s) { return low_shift(s) + kOffsetViewShift[offset_view(s)]; }
 
-// y[m][n0:n0+16] for ROWS rows of prescaled fp32 x (see above), the whole K; corr [rows, K/group].
-template <int ROWS>
-void gemm_block_offset(const float* xs, int64_t ldx, int64_t K, const int32_t* low, const float* scales,
-                       int64_t group, const float* corr, int64_t ldc, float* y, int64_t ldy, int64_t n0) {
+// y[m][n0:n0+16] for ROWS rows of fp32 x, the whole K. OFFSET (2-bit only): the codes read as
+// floats, x prescaled and each group's sum corrected by corr [rows, K/group] (see above).
+template <int BITS, int ROWS, bool OFFSET = false>
+void gemm_block_512(const float* x, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
+                    const float* scales, int64_t N, int64_t group, float* y, int64_t ldy, int64_t n0,
+                    const float* corr = nullptr, int64_t ldc = 0) {
+  static_assert(!OFFSET || BITS == 2, "codes are read as floats at 2 bits only");
   constexpr int CH = chains(ROWS);
+  const __m512 table = table_512<BITS>();
   const __m512i one = _mm512_set1_epi32(0x3F800000);
   __m512 total[ROWS];
   for (int r = 0; r < ROWS; ++r) total[r] = _mm512_setzero_ps();
@@ -232,16 +202,29 @@ void gemm_block_offset(const float* xs, int64_t ldx, int64_t K, const int32_t* l
     for (int r = 0; r < ROWS; ++r)
       for (int c = 0; c < CH; ++c) sum[r][c] = _mm512_setzero_ps();
     for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(low + (k / 16 + kPrefetchWords) * 16), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(low + (k / 16 + kPrefetchWords + 1) * 16), _MM_HINT_T0);
+      if constexpr (OFFSET) {
+        _mm_prefetch(reinterpret_cast<const char*>(low + (k / 16 + kPrefetchWords) * 16), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(low + (k / 16 + kPrefetchWords + 1) * 16), _MM_HINT_T0);
+      }
+      const __m512i hiword = BITS == 3 ? _mm512_loadu_si512(high + (k / 32) * 16) : _mm512_setzero_si512();
       unroll<2>([&](auto h) {
         const __m512i word = _mm512_loadu_si512(low + (k / 16 + h) * 16);
-        const __m512i views[4] = {_mm512_slli_epi32(word, kOffsetViewShift[0]), _mm512_slli_epi32(word, kOffsetViewShift[1]),
-                                  _mm512_srli_epi32(word, -kOffsetViewShift[2]), _mm512_srli_epi32(word, -kOffsetViewShift[3])};
-        const float* xk = xs + k + 16 * h;
+        __m512i views[4];  // OFFSET: the four shifted views of the word
+        if constexpr (OFFSET) {
+          views[0] = _mm512_slli_epi32(word, kOffsetViewShift[0]);
+          views[1] = _mm512_slli_epi32(word, kOffsetViewShift[1]);
+          views[2] = _mm512_srli_epi32(word, -kOffsetViewShift[2]);
+          views[3] = _mm512_srli_epi32(word, -kOffsetViewShift[3]);
+        }
+        const float* xk = x + k + 16 * h;
         unroll<16>([&](auto s) {
-          const __m512i mask = _mm512_set1_epi32(3 << offset_bit(s));
-          const __m512 value = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(views[offset_view(s)], one, mask, 0xEC));
+          __m512 value;
+          if constexpr (OFFSET) {
+            const __m512i mask = _mm512_set1_epi32(3 << offset_bit(s));
+            value = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(views[offset_view(s)], one, mask, 0xEC));
+          } else {
+            value = levels_512<BITS, h, s>(word, hiword, table);
+          }
           for (int r = 0; r < ROWS; ++r)
             sum[r][s % CH] = _mm512_fmadd_ps(value, _mm512_set1_ps(xk[r * ldx + s]), sum[r][s % CH]);
         });
@@ -251,7 +234,7 @@ void gemm_block_offset(const float* xs, int64_t ldx, int64_t K, const int32_t* l
     for (int r = 0; r < ROWS; ++r) {
       __m512 acc = sum[r][0];
       for (int c = 1; c < CH; ++c) acc = _mm512_add_ps(acc, sum[r][c]);
-      acc = _mm512_sub_ps(acc, _mm512_set1_ps(corr[r * ldc + g]));
+      if constexpr (OFFSET) acc = _mm512_sub_ps(acc, _mm512_set1_ps(corr[r * ldc + g]));
       total[r] = _mm512_fmadd_ps(acc, scale, total[r]);
     }
   }
@@ -744,10 +727,11 @@ void gemm_many_rows_amx(const uint16_t*, int64_t, int64_t, const int32_t*, const
 // ------------------------------------------------------------------------------------ dispatch
 
 // One block of 16 output rows, every row of x, in passes of up to ROWS rows. The plane and scale
-// pointers point at the block (blocked layout: 16 words per k-row, see check_planes).
+// pointers point at the block (blocked layout: 16 words per k-row, see check_planes). corr (2-bit
+// on AVX-512 only): x is prescaled for the offset path of gemm_block_512, corr [rows, K/group].
 template <int BITS>
 void gemm_block(Isa isa, const void* x, int64_t rows, int64_t K, const int32_t* low, const int32_t* high,
-                const float* scales, int64_t N, int64_t group, float* y, int64_t n0) {
+                const float* scales, int64_t N, int64_t group, float* y, int64_t n0, const float* corr) {
   const int64_t step = isa == Isa::kAvx2 ? rows_256(BITS) : kRows512;
   for (int64_t m = 0; m < rows; m += step) {
     const int64_t count = std::min<int64_t>(step, rows - m);
@@ -756,6 +740,13 @@ void gemm_block(Isa isa, const void* x, int64_t rows, int64_t K, const int32_t* 
       constexpr int R = r + 1;
       if (count != R) return;
       if constexpr (R <= kRows512) {
+        if constexpr (BITS == 2) {
+          if (corr) {
+            gemm_block_512<2, R, true>(static_cast<const float*>(x) + m * K, K, K, low, high, scales, N, group, ym, N,
+                                       n0, corr + m * (K / group), K / group);
+            return;
+          }
+        }
         if (isa == Isa::kAvx512Bf16) {
           gemm_block_bf16<BITS, R>(static_cast<const uint16_t*>(x) + m * K, K, K, low, high, scales, N, group, ym, N, n0);
           return;
@@ -774,20 +765,7 @@ void gemm_block(Isa isa, const void* x, int64_t rows, int64_t K, const int32_t* 
   }
 }
 
-// One block of 16 output rows of a 2-bit weight, every row of prescaled x (gemm_block_offset).
-void gemm_block_offset_rows(const float* xs, int64_t rows, int64_t K, const int32_t* low, const float* scales,
-                            int64_t N, int64_t group, const float* corr, float* y, int64_t n0) {
-  const int64_t groups = K / group;
-  for (int64_t m = 0; m < rows; m += kRows512) {
-    const int64_t count = std::min<int64_t>(kRows512, rows - m);
-    unroll<kRows512>([&](auto r) {
-      constexpr int R = r + 1;
-      if (count == R) gemm_block_offset<R>(xs + m * K, K, K, low, scales, group, corr + m * groups, groups, y + m * N, N, n0);
-    });
-  }
-}
-
-// (xs, corr) for gemm_block_offset: xs = x * 2^(23 - offset_bit(k % 16)) (exact), corr [M, K/group]
+// (xs, corr) for the offset path of gemm_block_512: xs = x * 2^(23 - offset_bit(k % 16)) (exact), corr [M, K/group]
 // = the group's sum of xs + 2 x, summed in double and rounded once.
 std::pair<at::Tensor, at::Tensor> prescale_for_offset(const at::Tensor& x, int64_t group) {
   const int64_t M = x.size(0), K = x.size(1), groups = K / group;
@@ -870,7 +848,7 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& low, const c10::opti
               "gsq_cpu: x must be fp32, bf16 or fp16, got ", x.scalar_type());
   Isa isa = usable_isa();
   if (isa >= Isa::kAvx512Bf16 && x.scalar_type() != at::kBFloat16) isa = Isa::kAvx512;
-  // 2-bit weights on AVX-512 below the tiles' row count: codes read as floats (gemm_block_offset)
+  // 2-bit weights on AVX-512 below the tiles' row count: codes read as floats (gemm_block_512)
   const bool offset = bits == 2 && isa >= Isa::kAvx512 && !(isa == Isa::kAmx && M >= kAmxMinRows);
   // the bf16 paths read bf16 x as it is; the fp32 paths read fp32 (bf16/fp16 widened, exactly)
   const bool bf16_x = isa >= Isa::kAvx512Bf16 && !offset;
@@ -906,16 +884,14 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& low, const c10::opti
       const int32_t* lb = lp + b * K;  // K/16 words of 16 lanes
       const int32_t* hb = hp ? hp + b * (K / 2) : nullptr;
       const float* sb = sp + b * (K / group) * 16;
-      if (offset) {
-        gemm_block_offset_rows(static_cast<const float*>(xp), M, K, lb, sb, N, group, cp, yp, 16 * b);
-      } else if (tiles && bits == 2) {
+      if (tiles && bits == 2) {
         gemm_block_amx<2>(static_cast<const uint16_t*>(xp), M, K, K, lb, hb, sb, group, yp, N, 16 * b);
       } else if (tiles) {
         gemm_block_amx<3>(static_cast<const uint16_t*>(xp), M, K, K, lb, hb, sb, group, yp, N, 16 * b);
       } else if (bits == 2) {
-        gemm_block<2>(block_isa, xp, M, K, lb, hb, sb, N, group, yp, 16 * b);
+        gemm_block<2>(block_isa, xp, M, K, lb, hb, sb, N, group, yp, 16 * b, cp);
       } else {
-        gemm_block<3>(block_isa, xp, M, K, lb, hb, sb, N, group, yp, 16 * b);
+        gemm_block<3>(block_isa, xp, M, K, lb, hb, sb, N, group, yp, 16 * b, nullptr);
       }
     }
     if (tiles) release_tiles();
