@@ -59,9 +59,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = quantize(
         model, recipe, output, calibration_text=args.calibration_text, calibration_samples=args.calibration_samples,
         calibration_seq_len=args.calibration_seq_len, calibration_spread=not args.calibration_from_start,
-        overwrite=args.overwrite, seed=args.seed if args.seed is not None else 0,
+        overwrite=args.overwrite, seed=args.seed if args.seed is not None else 0, fresh=args.fresh,
     )
     args.written = result.output_dir
+    from gsq_vllm.gsq import distributed
+
+    if distributed.rank() != 0:
+        return 0  # under torchrun the first rank wrote the checkpoint and reports on it
     record = {**summary, "output": str(result.output_dir), "quant_seconds": result.seconds,
               "peak_mem_mb": result.peak_mem_mb, "gsq_layers": result.report}
     if not args.no_eval:
@@ -109,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="calibrate on consecutive windows from the start of the text (default: spread over all of it)")
     qz.add_argument("--output", default=None, help="checkpoint folder (default: outputs/<model>-<method>-w<bits>-g<group>)")
     qz.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    qz.add_argument("--fresh", action="store_true",
+                    help="discard the finished layers a killed run kept beside the output (default: resume after them)")
     qz.add_argument("--no-eval", action="store_true", help="skip the perplexity / EAR evaluation")
     qz.add_argument("--json", default=None, help="also write the result as JSON to this file")
     _add_eval_options(qz)
@@ -148,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             outcome = f"the checkpoint {args.written} is complete; its evaluation did not finish"
         elif getattr(args, "output", None):
             outcome = f"nothing was written to {args.output} (its temporary folder was removed)"
+            from gsq_vllm.resume import resume_dir_for
+
+            kept = resume_dir_for(args.output)
+            if any(kept.glob("*.pt")):
+                outcome += f"; its finished layers are kept in {kept}, and the same command resumes after them"
         else:
             outcome = "nothing was written"
         print(f"gsq-vllm {args.command}: interrupted by {cause}; {outcome}", file=sys.stderr)

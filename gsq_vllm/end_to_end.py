@@ -21,6 +21,7 @@ Sample recipe (after a ``GSQModifier`` in the same stage)::
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Literal
 
@@ -50,6 +51,8 @@ class GSQEndToEndModifier(Modifier):
         result beats the start.
     :param tune_norms: also tune the weights of the normalisation layers.
     :param cache_dtype: dtype of the kept teacher hidden states.
+    :param checkpoint_layers: recompute decoder layers in backward (gradient checkpointing): memory
+        of one layer's activations and weights instead of the whole model's, for one more forward.
     """
 
     requires_calibration_data: bool = True
@@ -62,6 +65,7 @@ class GSQEndToEndModifier(Modifier):
     tune_norms: bool = True
     seed: int = 0
     cache_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    checkpoint_layers: bool = True
 
     _input_ids: list[torch.Tensor] = PrivateAttr(default_factory=list)
     _teacher_hidden: list[torch.Tensor] = PrivateAttr(default_factory=list)
@@ -121,13 +125,14 @@ class GSQEndToEndModifier(Modifier):
         device = next(model.parameters()).device
         head_weight, head_bias = (t.to(device) if t is not None else None for t in self._teacher_head)
 
-        def weights() -> dict[str, torch.Tensor]:
-            return {name: codes[name] * (initial[name] * torch.exp(gains[name])).repeat_interleave(group_sizes[name], 1)
-                    for name in linears}
+        def weight_of(name: str):
+            """Codes times the current scales, computed at each call of the Linear (and again when
+            a checkpointed layer is recomputed): one layer's weights alive at a time, not the model's."""
+            return lambda: codes[name].to(initial[name].dtype) * (
+                initial[name] * torch.exp(gains[name])).repeat_interleave(group_sizes[name], 1)
 
         def student(items: list[int]) -> torch.Tensor:
-            with DisableQuantization(model), linears_with_weights(linears, weights()):
-                logits = [model(input_ids=self._input_ids[i][None].to(device), use_cache=False).logits[0] for i in items]
+            logits = [model(input_ids=self._input_ids[i][None].to(device), use_cache=False).logits[0] for i in items]
             return torch.log_softmax(torch.cat(logits).float(), dim=-1)
 
         def teacher(items: list[int]) -> torch.Tensor:
@@ -137,7 +142,11 @@ class GSQEndToEndModifier(Modifier):
         begin = time.time()
         config = EndToEndConfig(steps=self.steps, lr=self.lr, items_per_step=self.sequences_per_step,
                                 holdout=self.holdout, seed=self.seed)
-        with torch.enable_grad():
+        # the whole tuning (its backward passes included) runs inside these contexts, so a layer
+        # recomputed by gradient checkpointing sees the same weights as its forward did
+        with torch.enable_grad(), DisableQuantization(model), \
+                linears_with_weights(linears, {name: weight_of(name) for name in linears}), \
+                self._layer_checkpointing(model):
             result = tune_end_to_end(student, teacher, list(gains.values()) + norms, len(self._input_ids), config)
         for parameter in norms:
             parameter.requires_grad_(False)
@@ -155,6 +164,23 @@ class GSQEndToEndModifier(Modifier):
         self._input_ids, self._teacher_hidden, self._teacher_head = [], [], None
         return True
 
+    @contextlib.contextmanager
+    def _layer_checkpointing(self, model: torch.nn.Module):
+        """Recompute each decoder layer's activations in backward (transformers' own gradient
+        checkpointing): the activations of one layer alive instead of all, for about one more forward."""
+        if not self.checkpoint_layers or not getattr(model, "supports_gradient_checkpointing", False):
+            yield
+            return
+        was_on, was_training = model.is_gradient_checkpointing, model.training
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # transformers checkpoints only in training mode (no dropout in these models' layers)
+        try:
+            yield
+        finally:
+            model.train(was_training)
+            if not was_on:
+                model.gradient_checkpointing_disable()
+
     @staticmethod
     def _quantized_linears(model: torch.nn.Module):
         """Every Linear holding symmetric int weights: its codes and scales as the model holds them."""
@@ -170,7 +196,8 @@ class GSQEndToEndModifier(Modifier):
             scale = module.weight_scale.detach().float().reshape(weight.shape[0], -1)
             group_size = weight.shape[1] // scale.shape[1]
             qmax = 2 ** (args.num_bits - 1)
-            codes[name] = torch.clamp(torch.round(weight / scale.repeat_interleave(group_size, 1)), -qmax, qmax - 1)
+            codes[name] = torch.clamp(torch.round(weight / scale.repeat_interleave(group_size, 1)), -qmax, qmax - 1
+                                      ).to(torch.int8)  # a quarter of fp32's memory, exact
             linears[name], scales[name], group_sizes[name] = module, scale, group_size
         if not linears:
             raise ValueError("GSQEndToEndModifier found no quantized Linear; put it after a quantization modifier")

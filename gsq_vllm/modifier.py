@@ -62,7 +62,9 @@ from gsq_vllm.gsq import (
     optimize_layer,
     quantize_to_grid,
 )
+from gsq_vllm.gsq import distributed
 from gsq_vllm.gsq.blocks import BlockInputs, linears_with_weights
+from gsq_vllm.resume import LayerStore, tensor_digest
 
 __all__ = ["GSQModifier", "codes_digest"]
 
@@ -101,6 +103,8 @@ class GSQModifier(Modifier, QuantizationMixin):
     :param max_block_tokens: cap on the calibration tokens cached per block.
     :param cache_dtype: dtype of the cached block inputs and targets (bf16 halves their memory).
     :param fused: ``torch.compile`` the relaxation and optimiser loops (eager when compiling fails).
+    :param resume_dir: keep each finished block's codes and scales there, and reuse those computed from
+        the same inputs (set by the quantize job, :mod:`gsq_vllm.resume`).
     """
 
     requires_calibration_data: bool = True
@@ -128,6 +132,7 @@ class GSQModifier(Modifier, QuantizationMixin):
     max_block_tokens: int = Field(default=1 << 20, ge=1)
     cache_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     fused: bool = True
+    resume_dir: str | None = None
 
     _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
     _grids: dict[torch.nn.Module, Grid] = PrivateAttr(default_factory=dict)
@@ -240,6 +245,9 @@ class GSQModifier(Modifier, QuantizationMixin):
         calibrated = [m for m in modules if m in self._hessians]
         ready = [name for name in self._blocks
                  if name in self._inputs and all(m in self._hessians for m in self._members[name].values())]
+        for module in calibrated:  # under torchrun: every rank's calibration shard counts
+            distributed.all_reduce_sum(self._hessians[module])
+            self._tokens[module] = int(distributed.all_reduce_sum(torch.tensor(self._tokens[module])))
         with torch.enable_grad(), HooksMixin.disable_hooks():
             for module in calibrated:
                 if self._block_of(module) is None:
@@ -283,32 +291,41 @@ class GSQModifier(Modifier, QuantizationMixin):
 
     def _quantize_layer(self, module: torch.nn.Module) -> None:
         name = self._names[module]
+        digest = self._digest([module.weight, self._hessians[module]])
+        if self._resumed(name, digest, {name: module}):
+            return
         codes, scales, hessian = self._start(module)
         if self.layer_objective == "none" or self.steps == 0:
-            self._write(module, codes, scales)
+            self._finish(name, digest, {name: module}, {name: codes}, {name: scales}, None)
             return
         begin = time.time()
         result = optimize_layer(module.weight.detach().float(), hessian, codes, scales, self._grids[module],
                                 self.gsq_config(), name=name)
-        self._log(name, "layer", result, time.time() - begin, {name: result.codes[name]})
-        self._write(module, result.codes[name], result.scales[name])
+        row = self._log(name, "layer", result, time.time() - begin, {name: result.codes[name]})
+        self._finish(name, digest, {name: module}, result.codes, result.scales, row)
 
     def _quantize_block(self, block_name: str) -> None:
         block, members, inputs = self._blocks[block_name], self._members[block_name], self._inputs.pop(block_name)
         if len(inputs) == 0:
             raise ValueError(f"block {block_name}: no calibration inputs were seen")
-        starts = {rel: self._start(module) for rel, module in members.items()}
-        if self.steps == 0:
-            for rel, module in members.items():
-                self._write(module, *starts[rel][:2])
-            return
         originals = {rel: module.weight.detach().float() for rel, module in members.items()}
         run = self._runner(block, members, inputs)
+        fp_inputs = None
+        if self.targets_from == "full_precision" and self.steps > 0:
+            fp_inputs = self._fp_stream if self._fp_stream is not None else inputs.hidden
+            with torch.no_grad():  # carried to the next layer even when this one is resumed
+                self._fp_stream = [inputs.cast(run(originals, i, fp_inputs[i])) for i in range(len(inputs))]
+        digest = self._digest([*inputs.hidden, *(fp_inputs or []), *(originals[rel] for rel in sorted(members))])
+        if self._resumed(block_name, digest, members):
+            return
+        starts = {rel: self._start(module) for rel, module in members.items()}
+        if self.steps == 0:
+            self._finish(block_name, digest, members, {rel: s[0] for rel, s in starts.items()},
+                         {rel: s[1] for rel, s in starts.items()}, None)
+            return
         with torch.no_grad():
-            if self.targets_from == "full_precision":
-                fp_inputs = self._fp_stream if self._fp_stream is not None else inputs.hidden
-                targets = [inputs.cast(run(originals, i, fp_inputs[i])) for i in range(len(inputs))]
-                self._fp_stream = targets
+            if fp_inputs is not None:
+                targets = self._fp_stream
             else:
                 targets = [inputs.cast(run(originals, i)) for i in range(len(inputs))]
         begin = time.time()
@@ -317,10 +334,39 @@ class GSQModifier(Modifier, QuantizationMixin):
             {rel: s[0] for rel, s in starts.items()}, {rel: s[1] for rel, s in starts.items()},
             {rel: self._grids[module] for rel, module in members.items()}, self.gsq_config(), name=block_name,
         )
-        self._log(block_name, "block", result, time.time() - begin,
-                  {f"{block_name}.{rel}": result.codes[rel] for rel in members})
+        row = self._log(block_name, "block", result, time.time() - begin,
+                        {f"{block_name}.{rel}": result.codes[rel] for rel in members})
+        self._finish(block_name, digest, members, result.codes, result.scales, row)
+
+    # -- resuming a killed run (gsq_vllm.resume) ------------------------------------------------
+
+    def _digest(self, tensors: list[torch.Tensor]) -> str | None:
+        """What a block's or layer's result is computed from, every rank's shard included (None
+        when not resuming: nothing to hash)."""
+        return distributed.agreed_digest(tensor_digest(tensors)) if self.resume_dir else None
+
+    def _resumed(self, name: str, digest: str | None, members: dict[str, torch.nn.Module]) -> bool:
+        """Write a finished block's saved result (same inputs) instead of computing it again."""
+        saved = LayerStore(self.resume_dir).load(name, digest) if self.resume_dir else None
+        if saved is None:
+            return False
         for rel, module in members.items():
-            self._write(module, result.codes[rel], result.scales[rel])
+            self._hessians.pop(module)
+            self._tokens.pop(module)
+            self._write(module, saved["codes"][rel], saved["scales"][rel])
+        if saved["report"] is not None:
+            self._report.append(saved["report"])
+        logger.info(f"GSQ {name}: resumed (finished by an earlier run with the same inputs)")
+        return True
+
+    def _finish(self, name: str, digest: str | None, members: dict[str, torch.nn.Module],
+                codes: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], row: dict | None) -> None:
+        for rel, module in members.items():
+            self._write(module, codes[rel], scales[rel])
+        if self.resume_dir and distributed.rank() == 0:
+            LayerStore(self.resume_dir).save(name, digest, dict(
+                codes={rel: c.to(torch.int8) for rel, c in codes.items()},
+                scales={rel: s.detach().float() for rel, s in scales.items()}, report=row))
 
     @staticmethod
     def _runner(block: torch.nn.Module, members: dict[str, torch.nn.Module], inputs: BlockInputs
@@ -336,15 +382,17 @@ class GSQModifier(Modifier, QuantizationMixin):
 
         return run
 
-    def _log(self, name: str, objective: str, result, seconds: float, codes: dict[str, torch.Tensor]) -> None:
+    def _log(self, name: str, objective: str, result, seconds: float, codes: dict[str, torch.Tensor]) -> dict:
         change = 100 * (1 - result.final_loss / result.initial_loss) if result.initial_loss else 0.0
         logger.info(
             f"GSQ {name} ({objective}): objective {result.initial_loss:.4g} ({self.init}) -> {result.final_loss:.4g} "
             f"({change:+.1f}% better){' kept start' if result.kept_initial else ''} in {seconds:.1f}s"
         )
-        self._report.append(dict(name=name, objective=objective, initial=result.initial_loss,
-                                 final=result.final_loss, kept_initial=result.kept_initial, seconds=seconds,
-                                 codes_sha1={layer: codes_digest(c) for layer, c in codes.items()}))
+        row = dict(name=name, objective=objective, initial=result.initial_loss, final=result.final_loss,
+                   kept_initial=result.kept_initial, seconds=seconds,
+                   codes_sha1={layer: codes_digest(c) for layer, c in codes.items()})
+        self._report.append(row)
+        return row
 
     def _write(self, module: torch.nn.Module, codes: torch.Tensor, scales: torch.Tensor) -> None:
         """Fake-quantised weight and its scale; compressed-tensors packs them into codes on save."""

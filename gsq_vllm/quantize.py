@@ -8,6 +8,8 @@ and moved into place only when complete, so an existing folder is never left hal
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
 import os
 import shutil
@@ -20,7 +22,10 @@ import yaml
 
 from gsq_vllm import data
 from gsq_vllm.files import commit_output, prepare_output
+from gsq_vllm.gsq import distributed
 from gsq_vllm.peak_memory import PeakMemory
+from gsq_vllm.recipes import set_modifier_options, uses_modifier
+from gsq_vllm.resume import close_run, open_run, resume_dir_for, tensor_digest
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,8 @@ def quantize(
     overwrite: bool = False,
     dataset=None,
     seed: int = 0,
+    resume: bool = True,
+    fresh: bool = False,
 ) -> QuantizeResult:
     """Run a recipe through llmcompressor's ``oneshot`` and save a compressed checkpoint.
 
@@ -54,6 +61,11 @@ def quantize(
     ``seed`` seeds torch's global generator, which llmcompressor shuffles the calibration samples
     with (GSQ's own noise has its recipe seed): the same inputs, recipe and seed on the same machine
     and thread count give a bit-identical checkpoint.
+
+    With ``resume`` (default), GSQ keeps each finished decoder layer beside the output
+    (:mod:`gsq_vllm.resume`): the same call after a killed run continues after its last finished
+    layer, and a call with another recipe, model, calibration or seed refuses to (``fresh``
+    discards the saved layers instead).
     """
     import gsq_vllm.modifier  # noqa: F401  (registers GSQModifier and GSQEndToEndModifier with llmcompressor)
     from llmcompressor import oneshot
@@ -64,28 +76,95 @@ def quantize(
     inspect_checkpoint(model_dir)  # clear errors for a missing or broken folder
     tokenizer = load_tokenizer(model_dir)
     output_dir = Path(output_dir)
-    tmp_dir = prepare_output(output_dir, overwrite)
+    in_torchrun = join_torchrun()
+    source = distributed.rank() == 0  # under torchrun, the rank that writes the checkpoint
+    tmp_dir = prepare_output(output_dir, overwrite)  # each rank its own; only the source's is filled
+    resume_dir = None
     try:
         if dataset is None:
             dataset = data.calibration_dataset(tokenizer, calibration_text, calibration_samples, calibration_seq_len,
                                                calibration_spread)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        if resume:
+            if not source:
+                distributed.barrier()  # the source writes (or checks) the run's manifest first
+            resume_dir = _open_resume(recipe, model_dir, dataset, seed, output_dir, fresh and source)
+            if source:
+                distributed.barrier()
+        if resume_dir is not None:
+            recipe = copy.deepcopy(recipe)
+            set_modifier_options(recipe, "GSQModifier", resume_dir=str(resume_dir))
+        # under torchrun llmcompressor loads the model itself, from its folder, on every rank
+        model = str(model_dir) if in_torchrun else AutoModelForCausalLM.from_pretrained(str(model_dir),
+                                                                                      dtype=torch.float32)
         torch.manual_seed(seed)
         start = time.time()
         with PeakMemory() as memory:
-            oneshot(
-                model=model, dataset=dataset, recipe=yaml.safe_dump(recipe, sort_keys=False), processor=tokenizer,
-                max_seq_length=calibration_seq_len, num_calibration_samples=calibration_samples,
+            model = oneshot(
+                model=model, precision="float32", dataset=dataset, recipe=yaml.safe_dump(recipe, sort_keys=False),
+                processor=tokenizer, max_seq_length=calibration_seq_len, num_calibration_samples=calibration_samples,
                 output_dir=str(tmp_dir), save_compressed=True,
             )
         seconds = time.time() - start
         report = _modifier_report()
-        commit_output(tmp_dir, output_dir)
+        if source:
+            commit_output(tmp_dir, output_dir)
+            if resume_dir is not None:
+                close_run(resume_dir)
+        else:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        distributed.barrier()  # the checkpoint is in place before any rank goes on
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if source and resume_dir is not None and not any(resume_dir.glob("*.pt")):
+            close_run(resume_dir)  # nothing finished: nothing worth keeping
         raise
     logger.info("wrote %s in %.0f s (peak memory %.0f MB)", output_dir, seconds, memory.peak_mb)
     return QuantizeResult(output_dir, seconds, memory.peak_mb, report, model)
+
+
+def join_torchrun() -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), join its process group if nobody has: gloo on CPUs,
+    NCCL on GPUs (compressed-tensors' own initialiser assumes an accelerator). Returns whether the
+    job is distributed; llmcompressor then gives each rank its share of the calibration data."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return True
+
+
+def _open_resume(recipe: dict, model_dir, dataset, seed: int, output_dir: Path, fresh: bool) -> Path | None:
+    """The resume folder of a recipe that runs GSQ (None for other methods: nothing to resume)."""
+    if not uses_modifier(recipe, "GSQModifier"):
+        return None
+    fingerprint = {
+        "recipe": recipe, "seed": seed, "model": model_fingerprint(model_dir),
+        "calibration": tensor_digest(torch.as_tensor(row) for row in dataset["input_ids"]),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    resume_dir = resume_dir_for(output_dir)
+    open_run(resume_dir, fingerprint, fresh=fresh)
+    return resume_dir
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """Identity of a model folder: its config and, per weight file, its size and first and last MiB."""
+    digest = hashlib.sha1()
+    for path in sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"]:
+        if not path.exists():
+            continue
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 20)
+            handle.seek(max(0, size - (1 << 20)))
+            digest.update(f"{path.name}:{size}".encode() + head + handle.read())
+    return digest.hexdigest()[:16]
 
 
 def _modifier_report() -> list[dict]:

@@ -83,3 +83,77 @@ def test_same_recipe_and_seed_give_bit_identical_checkpoints(tiny_model_dir, tmp
     assert states[0].keys() == states[1].keys()
     different = [key for key in states[0] if not states[0][key].equal(states[1][key])]
     assert different == []
+
+
+@needs_llmcompressor
+@pytest.mark.slow
+def test_a_run_killed_after_some_layers_resumes_and_writes_the_same_checkpoint(tmp_path):
+    """SIGKILL after the first decoder layer is saved; the same command resumes after it (its
+    log says so) and writes the bytes an uninterrupted run writes."""
+    from safetensors.torch import load_file
+
+    from gsq_vllm.resume import resume_dir_for
+    from gsq_vllm.testing import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model", num_layers=4)
+    recipe = tmp_path / "gsq.yaml"
+    recipe.write_text(gsq_recipe(3, steps=150, extra="      fused: false\n"))
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    straight = tmp_path / "straight"
+    done = subprocess.run(_quantize_command(model, recipe, text, straight), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not resume_dir_for(straight).exists()  # removed once the checkpoint is complete
+
+    out = tmp_path / "killed"
+    saved = resume_dir_for(out)
+    process = subprocess.Popen(_quantize_command(model, recipe, text, out), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 600
+    while len(list(saved.glob("*.pt"))) < 2 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no handler runs
+    process.wait()
+    finished = sorted(p.stem for p in saved.glob("*.pt"))
+    assert 2 <= len(finished) < 4, finished
+    assert not out.exists()
+
+    resumed = subprocess.run(_quantize_command(model, recipe, text, out), capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr  # llmcompressor's logger may write to either
+    assert f"{len(finished)} finished blocks/layers are reused" in log
+    for name in finished:
+        assert f"GSQ {name}: resumed" in log
+    assert not saved.exists()
+    first, second = load_file(str(straight / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert first.keys() == second.keys()
+    assert [key for key in first if not first[key].equal(second[key])] == []
+
+
+@needs_llmcompressor
+def test_saved_layers_of_another_recipe_are_not_resumed(tiny_model_dir, tmp_path):
+    import yaml
+
+    from gsq_vllm.quantize import _open_resume, quantize
+    from gsq_vllm.resume import resume_dir_for
+    from tests.conftest import tiny_calibration
+
+    out = tmp_path / "ckpt"
+    recipe = yaml.safe_load(gsq_recipe(3, steps=2))
+    calibration = tiny_calibration(16, 128)
+    other = yaml.safe_load(gsq_recipe(3, steps=1))
+    # a killed run of another recipe left its state
+    _open_resume(other, tiny_model_dir, calibration, 0, out, fresh=False)
+    with pytest.raises(ValueError, match=r"cannot resume from .*ckpt\.gsq-resume: the recipe differs "
+                                         r"\(quant_stage\.quant_modifiers\.GSQModifier\.steps: 1 then, 2 now\)"):
+        quantize(tiny_model_dir, recipe, out, calibration_samples=16, calibration_seq_len=128, dataset=calibration)
+    with pytest.raises(ValueError, match=r"the seed differs \(0 then, 5 now\)"):
+        quantize(tiny_model_dir, other, out, calibration_samples=16, calibration_seq_len=128, dataset=calibration,
+                 seed=5)
+    assert not out.exists()
+    # --fresh discards it and runs
+    result = quantize(tiny_model_dir, recipe, out, calibration_samples=16, calibration_seq_len=128,
+                      dataset=calibration, fresh=True)
+    assert result.output_dir == out and not resume_dir_for(out).exists()

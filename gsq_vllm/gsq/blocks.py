@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -99,8 +99,11 @@ class BlockInputs:
 
 
 @contextlib.contextmanager
-def linears_with_weights(linears: dict[str, torch.nn.Module], weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Run each Linear with a given weight tensor instead of its parameter.
+def linears_with_weights(
+    linears: dict[str, torch.nn.Module], weights: dict[str, torch.Tensor | Callable[[], torch.Tensor]]
+) -> Iterator[None]:
+    """Run each Linear with a given weight tensor instead of its parameter (or with the tensor a
+    given function returns, computed at each call).
 
     Neither ``functional_call`` nor compressed-tensors' fake-quant forward fit here: both write
     into the parameter (offloading caches, ``weight.data`` patches), which breaks autograd through
@@ -108,7 +111,8 @@ def linears_with_weights(linears: dict[str, torch.nn.Module], weights: dict[str,
     """
     saved = {name: module.__dict__.get("forward") for name, module in linears.items()}
 
-    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+        weight = weight() if callable(weight) else weight
         return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     for name, module in linears.items():

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from gsq_vllm.gsq import distributed
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["EndToEndConfig", "EndToEndResult", "kl_divergence", "tune_end_to_end"]
@@ -56,6 +58,33 @@ def kl_divergence(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tens
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
+def _accumulate_kl_gradients(
+    student: Callable[[list[int]], torch.Tensor],
+    teacher: Callable[[list[int]], torch.Tensor],
+    items: list[int],
+    parameters: list[torch.nn.Parameter],
+) -> float:
+    """Gradient of the mean KL over every position of ``items``, one item's graph at a time.
+
+    The same gradient as one backward through all items together (up to rounding order), but only
+    one item's activations and logits are alive at once: memory does not grow with the items per step.
+    Under torchrun the mean runs over every rank's items (each rank passes its own).
+    """
+    total, positions = 0.0, 0
+    for item in items:
+        with torch.no_grad():
+            target = teacher([item]).float()
+        log_probs = student([item])
+        count = log_probs.numel() // log_probs.shape[-1]
+        kl_sum = kl_divergence(target, log_probs) * count
+        kl_sum.backward()
+        total, positions = total + kl_sum.item(), positions + count
+        del target, log_probs, kl_sum
+    total, positions = distributed.all_reduce_sum(torch.tensor([total, positions], dtype=torch.float64)).tolist()
+    distributed.reduce_gradients(parameters, positions)
+    return total / positions
+
+
 def tune_end_to_end(
     student: Callable[[list[int]], torch.Tensor],
     teacher: Callable[[list[int]], torch.Tensor],
@@ -80,29 +109,30 @@ def tune_end_to_end(
     start = [p.detach().clone() for p in parameters]
 
     @torch.no_grad()
-    def held_out_kl() -> float:
-        return float(sum(kl_divergence(teacher([i]), student([i])) for i in held) / len(held))
+    def held_out_kl() -> float:  # the mean over every rank's held-out items
+        total = torch.tensor([float(sum(kl_divergence(teacher([i]), student([i])) for i in held)), len(held)],
+                             dtype=torch.float64)
+        total = distributed.all_reduce_sum(total)
+        return float(total[0] / total[1])
 
     initial = held_out_kl()
     if config.steps == 0:
         return EndToEndResult(initial, initial, kept_initial=True)
     optimizer = torch.optim.Adam(parameters, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
-    batch = min(config.items_per_step, train_count)
+    batch = min(max(1, config.items_per_step // distributed.world_size()), train_count)  # a rank's share
     history = []
     for step in tqdm(range(config.steps), desc="GSQ end to end", disable=not progress, leave=False):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
         items = torch.randperm(train_count, generator=generator)[:batch].tolist()
-        with torch.no_grad():
-            target = teacher(items)
-        loss = kl_divergence(target, student(items))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"end-to-end tuning: the KL is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = _accumulate_kl_gradients(student, teacher, items, parameters)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"end-to-end tuning: the KL is {loss} at step {step}")
         optimizer.step()
-        history.append(loss.item())
+        history.append(loss)
+    distributed.broadcast_from_first(parameters)  # identical already; bit-identical for sure
     final = held_out_kl()
     if not final < initial:
         logger.info("end-to-end tuning: held-out KL %.5g did not beat its start %.5g; keeping the start", final, initial)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from gsq_vllm.gsq import distributed
 from gsq_vllm.gsq.grids import Grid, dequantize
 from gsq_vllm.gsq.fusion import MaybeCompiled
 from gsq_vllm.gsq.gptq import damped_hessian
@@ -143,8 +144,13 @@ def _train(
     config: GSQConfig,
     description: str,
     progress: bool,
+    data_parallel: bool = False,
 ) -> list[float]:
-    """The shared loop: sample soft weights, take a Lion step, anneal tau/kappa, decay lr."""
+    """The shared loop: sample soft weights, take a Lion step, anneal tau/kappa, decay lr.
+
+    ``data_parallel``: each rank's loss is on its own calibration shard, so gradients are averaged
+    over ranks before the step (the noise is seeded by step: every rank samples the same weights).
+    """
     optimizer = Lion(
         [
             {"params": [r.logits for r in relaxed.values()], "lr": config.lr_logits, "weight_decay": config.weight_decay},
@@ -170,6 +176,9 @@ def _train(
             raise FloatingPointError(f"{description}: the relaxed objective is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if data_parallel:  # the mean of the ranks' gradients
+            distributed.reduce_gradients([p for group in optimizer.param_groups for p in group["params"]],
+                                         distributed.world_size())
         optimizer.step()
         history.append(loss.item())
     return history
@@ -185,6 +194,7 @@ def _finish(
 ) -> GSQResult:
     codes = {name: r.hard_codes() for name, r in relaxed.items()}
     scales = {name: r.scales.detach().clone() for name, r in relaxed.items()}
+    distributed.broadcast_from_first([*codes.values(), *scales.values()])  # every rank writes the same
     initial = hard_loss({n: dequantize(init_codes[n], init_scales[n]) for n in relaxed})
     final = hard_loss({n: dequantize(codes[n], scales[n]) for n in relaxed})
     if not final < initial:  # also catches NaN
@@ -223,6 +233,7 @@ def optimize_layer(
 ) -> GSQResult:
     """GSQ on one Linear ``weight [out, in]`` with its calibration Hessian ``[in, in]``."""
     generator = torch.Generator(device=weight.device).manual_seed(config.seed)
+    distributed.broadcast_from_first([codes, scales])
     relaxed = _make_relaxed({name: weight}, {name: codes}, {name: scales}, grid, config, generator)
     factor = hessian_factor(hessian, config.dampening)
     target = weight.detach().to(torch.float32)
@@ -265,11 +276,15 @@ def optimize_block(
     train_count = count - held_count
     held = range(train_count, count) if held_count else range(count)
     tokens_per_item = max(1, targets[0].numel() // targets[0].shape[-1])
-    batch = max(1, min(train_count, config.tokens_per_step // tokens_per_item))
+    # under torchrun each rank takes its share of a step's tokens from its own calibration shard
+    batch = max(1, min(train_count, config.tokens_per_step // tokens_per_item // distributed.world_size()))
     generator = torch.Generator().manual_seed(config.seed)
+    distributed.broadcast_from_first([*codes.values(), *scales.values()])
     relaxed = _make_relaxed(weights, codes, scales, grid, config, generator)
-    power = sum(float(t.float().square().sum()) for t in targets) / sum(t.numel() for t in targets)
-    power = max(power, 1e-12)
+    energy = distributed.all_reduce_sum(torch.tensor(
+        [sum(float(t.float().square().sum()) for t in targets), float(sum(t.numel() for t in targets))],
+        dtype=torch.float64))
+    power = max(float(energy[0] / energy[1]), 1e-12)
 
     def error(outputs: torch.Tensor, index: int) -> torch.Tensor:
         return (outputs.float() - targets[index].to(outputs.device, torch.float32)).square().sum()
@@ -279,10 +294,13 @@ def optimize_block(
         total = sum(error(forward(soft, i), i) for i in chosen)
         return total / (power * sum(targets[i].numel() for i in chosen))
 
-    history = _train(relaxed, loss_fn, config, f"GSQ {name}", progress)
+    history = _train(relaxed, loss_fn, config, f"GSQ {name}", progress, data_parallel=distributed.world_size() > 1)
 
     @torch.no_grad()
     def hard_loss(quantized):
-        return float(sum(error(forward(quantized, i), i) for i in held) / (power * sum(targets[i].numel() for i in held)))
+        total = torch.tensor([float(sum(error(forward(quantized, i), i) for i in held)),
+                              float(sum(targets[i].numel() for i in held))], dtype=torch.float64)
+        distributed.all_reduce_sum(total)  # every rank's held-out items decide together
+        return float(total[0] / (power * total[1]))
 
     return _finish(relaxed, codes, scales, hard_loss, history, name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["MODIFIERS", "RECIPES_DIR", "recipe_names", "resolve_recipe", "load_recipe", "set_modifier_options",
+__all__ = ["MODIFIERS", "RECIPES_DIR", "recipe_names", "resolve_recipe", "load_recipe", "uses_modifier", "set_modifier_options",
            "edit_recipe", "recipe_summary"]
 
 RECIPES_DIR = Path(__file__).resolve().parent
@@ -42,6 +42,11 @@ def _modifiers(recipe: dict, quantization_only: bool = True):
             for modifier_name, options in group.items():
                 if modifier_name in MODIFIERS or not quantization_only:
                     yield modifier_name, options
+
+
+def uses_modifier(recipe: dict, modifier_name: str) -> bool:
+    """Whether any stage of the recipe runs ``modifier_name``."""
+    return any(name == modifier_name for name, _ in _modifiers(recipe, quantization_only=False))
 
 
 def set_modifier_options(recipe: dict, modifier_name: str, **options) -> dict:

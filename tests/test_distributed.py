@@ -1,0 +1,78 @@
+"""GSQ under ``torchrun`` on the CPU (gloo): two ranks, each with half the calibration data, write
+one checkpoint, and every rank ends with the same codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HAS_LLMCOMPRESSOR, gsq_recipe
+
+pytestmark = pytest.mark.skipif(not HAS_LLMCOMPRESSOR, reason="llmcompressor is not installed")
+
+# what each rank runs: the quantize job as a user calls it, then its own GSQ report
+RANK_SCRIPT = """
+import json, os, sys, yaml
+import torch
+from gsq_vllm.quantize import quantize
+from tests.conftest import tiny_calibration
+
+model, recipe, out, report = sys.argv[1:5]
+result = quantize(model, yaml.safe_load(open(recipe)), out, calibration_samples=16, calibration_seq_len=128,
+                  dataset=tiny_calibration(16, 128))
+with open(f"{report}.{os.environ.get('RANK', '0')}", "w") as handle:
+    json.dump(result.report, handle)
+"""
+
+END_TO_END = """    GSQEndToEndModifier:
+      steps: 4
+      sequences: 16
+      sequences_per_step: 4
+"""
+
+
+def _launch(tmp_path: Path, model: Path, recipe: Path, name: str, ranks: int) -> tuple[Path, list[list[dict]]]:
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    out, report = tmp_path / name, tmp_path / f"{name}-report"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    if ranks == 1:
+        command = [sys.executable, str(script)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                   str(script)]
+    done = subprocess.run([*command, str(model), str(recipe), str(out), str(report)], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return out, [json.loads(Path(f"{report}.{rank}").read_text()) for rank in range(ranks)]
+
+
+def test_two_ranks_write_one_checkpoint_with_the_codes_every_rank_chose(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "gsq.yaml"
+    recipe.write_text(gsq_recipe(3, steps=20, extra="      fused: false\n") + END_TO_END)
+    out, reports = _launch(tmp_path, tiny_model_dir, recipe, "two", ranks=2)
+    first, second = reports
+    assert [row["codes_sha1"] for row in first if "codes_sha1" in row] == \
+        [row["codes_sha1"] for row in second if "codes_sha1" in row]
+    blocks = [row for row in first if row.get("objective") == "block"]
+    assert len(blocks) == 2 and all(row["final"] <= row["initial"] for row in blocks)
+    assert [row["final_kl"] for row in first if row["name"] == "end_to_end"] == \
+        [row["final_kl"] for row in second if row["name"] == "end_to_end"]
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".two")) == []  # no leftovers
+    written = load_file(str(out / "model.safetensors"))
+    assert any(key.endswith("weight_packed") for key in written)
+
+    # one process on the same 16 sequences: the same objective, so a close result
+    single, (alone,) = _launch(tmp_path, tiny_model_dir, recipe, "one", ranks=1)
+    split = {row["name"]: row["final"] for row in first if row.get("objective") == "block"}
+    whole = {row["name"]: row["final"] for row in alone if row.get("objective") == "block"}
+    assert split.keys() == whole.keys()
+    for name in split:
+        assert split[name] < 1.25 * whole[name], (name, split[name], whole[name])
