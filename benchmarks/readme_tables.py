@@ -6,6 +6,7 @@ rendered from one results file:
 * ``accuracy-table``, ``ablation-table``: benchmarks/results/accuracy_smollm2.json
 * ``serve-table``: benchmarks/results/serve_cpu.json
 * ``serve-load-table``: benchmarks/results/serve_load_cpu.json
+* ``layer-cost-table``: benchmarks/results/layer_cost_cpu.json
 
     python benchmarks/readme_tables.py            # rewrite README.md
     python benchmarks/readme_tables.py --check    # exit 1 if README.md is not what the files say
@@ -131,6 +132,75 @@ def serve_load_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def layer_cost_table(payload: dict) -> str:
+    """Seconds and peak memory per decoder layer at Llama-3.1 shapes, measured vs projected."""
+    calibration = payload["calibration"]
+    budgets = payload["budgets_measured"]
+    lines = [f"`{payload.get('command', 'python benchmarks/layer_cost.py')}` on {payload.get('device', 'cpu')} "
+             f"({_cpu_line(payload)}; {payload.get('torch_threads', '?')} torch threads; other jobs were running "
+             "beside it, see each run's load averages in the file). One decoder layer, **random weights** (cost does "
+             f"not depend on the values); calibration measured at {calibration['measured']} and projected to "
+             f"{calibration['projected_to']} tokens; GSQ measured at {' and '.join(map(str, budgets['gsq_steps']))} "
+             f"steps, AutoRound at {' and '.join(map(str, budgets['autoround_iters']))} iterations, both projected "
+             "to their recipe's budget (GSQ 100 steps, AutoRound 200 iterations) with time = fixed + per_step x steps, "
+             "per_step from the optimizer's step times inside the run.",
+             "", "| shape | method | measured runs (s) | s per layer at the recipe's budget | how | peak memory MB |",
+             "|---|---|---|---|---|---|"]
+    unit = {"gsq": "steps", "autoround": "iters"}
+    for shape, entry in payload["shapes"].items():
+        for method, record in entry["methods"].items():
+            runs = [r for r in record.get("runs", []) if "seconds" in r]
+            measured = ", ".join(f"{r['budget']} {unit[method]}: {r['seconds']:.0f}" if r.get("budget") is not None
+                                 else f"{r['seconds']:.0f}" for r in runs) or "-"
+            name = method + (" (attention sub-block)" if record.get("block") == "attention" and runs else "")
+            if "projection" in record:
+                p = record["projection"]
+                how = ("measured, token-proportional part x " + f"{p['calibration_scale']:g}" if method == "gptq" else
+                       f"projected from {' and '.join(str(r['budget']) for r in runs)} {unit[method]} measured "
+                       f"({p['per_step_seconds']:.1f} s per {unit[method][:-1]})")
+                if record.get("block") == "attention":
+                    how += f"; x {p['parameter_ratio']:.2f} (layer / attention parameters)"
+                memory = (f"{record['measured_peak_rss_mb']:.0f} measured at {calibration['sequences']} x 512; "
+                          f"{record['projected_peak_rss_mb_full']:.0f} at 128 x 512 (estimated)")
+                seconds = f"{p['seconds']:.0f}"
+            elif "projection_from_other_shape" in record:
+                p = record["projection_from_other_shape"]
+                seconds = f"{p['seconds']:.0f}"
+                how = f"not run: projected from the {p['from']} shape's parts (work ratios in the file)"
+                memory = f"{record['projected_peak_rss_mb_full']:.0f}: does not fit in this machine's memory (estimated)"
+            else:
+                seconds, how, memory = "-", record.get("skipped", "not run"), "-"
+            lines.append(f"| {shape} | {name} | {measured} | {seconds} | {how} | {memory} |")
+    for shape, e2e in payload.get("end_to_end", {}).items():
+        trained = e2e.get("head_fwd_bwd_s_with_head_gradient")
+        lines += ["", f"End-to-end stage (`GSQEndToEndModifier`) at {shape} shape: **{e2e['seconds_per_step']:.0f} s per "
+                      f"step** on this CPU = {e2e['formula']}; {e2e['recipe_steps']} steps = {e2e['seconds_recipe']:.0f} s"
+                      + (f" (the head's {e2e['head_fwd_bwd_s']:.0f} s with its weight frozen, as the stage runs it; "
+                         f"{trained:.0f} s if it took a gradient)" if trained is not None else "")
+                      + f". Its memory for the whole model, estimated from a formula (not run): "
+                        f"{e2e['memory_estimate_total_mb'] / 1024:.0f} GiB in fp32 ("
+                      + ", ".join(f"{k} {v / 1024:.1f}" for k, v in e2e["memory_estimate_mb"].items()) + " GiB)."]
+    gpu = payload.get("gpu_projection", {})
+    if gpu:
+        a = next(iter(gpu.values()))["assumptions"]
+        lines += ["", f"GPU, **projection only (not measured)**, one {a['name']}: matmul FLOPs / (peak x "
+                      f"{a['matmul_utilization']:.0%}), GPTQ solve FLOPs / (fp32 peak x {a['solve_utilization']:.0%}), "
+                      f"elementwise bytes / ({a['hbm_tb_s']} TB/s x {a['memory_utilization']:.0%}); peak "
+                      f"{a['bf16_dense_tflops']:.0f} TFLOP/s bf16 or {a['fp32_tflops']:.0f} fp32 (the quantize job loads "
+                      "the model in fp32); memory from the same formula as the CPU estimate (GSQ at its formula's "
+                      "69 B per trained weight, an upper bound).", "",
+                  "| shape | GPTQ s (bf16 / fp32) | GSQ s, 100 steps (bf16 / fp32) | AutoRound s, 200 iters (bf16 / fp32) "
+                  "| GSQ memory MB | end-to-end s per step (bf16 / fp32) |", "|---|---|---|---|---|---|"]
+        for shape, g in gpu.items():
+            rows = g["rows"]
+            pair = lambda r: f"{r['seconds_bf16']:.1f} / {r['seconds_fp32']:.1f}"  # noqa: E731
+            e2e = g.get("e2e")
+            e2e = f"{e2e['seconds_per_step_bf16']:.2f} / {e2e['seconds_per_step_fp32']:.2f}" if e2e else "-"
+            lines.append(f"| {shape} | {pair(rows['gptq'])} | {pair(rows['gsq'])} | {pair(rows['autoround'])} "
+                         f"| {rows['gsq']['memory_mb']:.0f} | {e2e} |")
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     tables = {}
     accuracy = RESULTS / "accuracy_smollm2.json"
@@ -142,6 +212,9 @@ def render() -> dict[str, str]:
     load = RESULTS / "serve_load_cpu.json"
     if load.exists():
         tables["serve-load-table"] = serve_load_table(json.loads(load.read_text()))
+    layer_cost = RESULTS / "layer_cost_cpu.json"
+    if layer_cost.exists():
+        tables["layer-cost-table"] = layer_cost_table(json.loads(layer_cost.read_text()))
     return tables
 
 

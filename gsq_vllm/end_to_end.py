@@ -40,6 +40,24 @@ from gsq_vllm.gsq.blocks import linears_with_weights
 __all__ = ["GSQEndToEndModifier"]
 
 
+@contextlib.contextmanager
+def _only_trainable(model: torch.nn.Module, parameters: list[torch.nn.Parameter]):
+    """Only ``parameters`` of the model take gradients meanwhile: backward computes no gradient for
+    the embeddings and head (at 8B shape: 3.9 GB of gradients, and the head's backward 1.6x slower)."""
+    before = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+            parameter.grad = None
+        for parameter in before:
+            parameter.requires_grad_(True)
+
+
 class GSQEndToEndModifier(Modifier):
     """End-to-end tuning of group scales (codes frozen) against the full-precision model's KL.
 
@@ -120,8 +138,6 @@ class GSQEndToEndModifier(Modifier):
         gains = {name: torch.nn.Parameter(torch.zeros_like(initial[name])) for name in linears}
         norms = [p for name, module in model.named_modules() if type(module).__name__.endswith("Norm")
                  for p in module.parameters(recurse=False)] if self.tune_norms else []
-        for parameter in norms:
-            parameter.requires_grad_(True)
         device = next(model.parameters()).device
         head_weight, head_bias = (t.to(device) if t is not None else None for t in self._teacher_head)
 
@@ -146,10 +162,8 @@ class GSQEndToEndModifier(Modifier):
         # recomputed by gradient checkpointing sees the same weights as its forward did
         with torch.enable_grad(), DisableQuantization(model), \
                 linears_with_weights(linears, {name: weight_of(name) for name in linears}), \
-                self._layer_checkpointing(model):
+                self._layer_checkpointing(model), _only_trainable(model, norms):
             result = tune_end_to_end(student, teacher, list(gains.values()) + norms, len(self._input_ids), config)
-        for parameter in norms:
-            parameter.requires_grad_(False)
         with torch.no_grad():
             for name, module in linears.items():
                 scales = (initial[name] * torch.exp(gains[name])).to(module.weight.dtype)
