@@ -72,6 +72,9 @@ METHODS: dict[str, Method] = {
     "autoround3": Method("autoround", 3, "autoround_w3a16_g64", label="AutoRound, 200 iterations (default)"),
     "autoround3-50": Method("autoround", 3, "autoround_w3a16_g64", {"AutoRoundModifier": {"iters": 50}},
                               label="AutoRound, 50 iterations"),
+    "autoround3-5": Method("autoround", 3, "autoround_w3a16_g64", {"AutoRoundModifier": {"iters": 5}},
+                           label="AutoRound, 5 iterations (its peak memory, which no iteration count changes, "
+                                 "measured beside GSQ's on the same machine)"),
     "autoround3-matched": Method("autoround", 3, "autoround_w3a16_g64", label="AutoRound, GSQ's wall time",
                                  match_time_of="gsq3"),
     "gsq3": Method("gsq", 3, "gsq_w3a16_g64", label="GSQ (default recipe)"),
@@ -229,7 +232,8 @@ def run_one(name: str, settings: dict, recipe: dict | None, out_file: Path) -> N
     record = {"name": name, "method": spec.method, "bits": spec.bits, "label": spec.label, "ablation": spec.ablation,
               "group_size": settings["group_size"] if spec.method != "fp" else None,
               "bpp": bits_per_parameter(spec.bits, settings["group_size"]), "quant_seconds": 0.0, "peak_mem_mb": None,
-              "calibration": calibration, "recipe": recipe, "threads": torch.get_num_threads()}
+              "calibration": calibration, "recipe": recipe, "threads": torch.get_num_threads(),
+              "cpu": cpu_description()}
     if spec.method == "fp":
         candidate_dir = model_dir
     else:
@@ -403,7 +407,9 @@ def write_results(records: list[dict], settings: dict) -> None:
     for r in rows:
         if r["method"] == "gsq" and not r["ablation"]:
             for peer in rows:
-                if peer["method"] in ("gptq", "autoround") and peer["bits"] == r["bits"] and peer["quant_seconds"]:
+                same_machine = (r.get("cpu") or {}).get("model") == (peer.get("cpu") or {}).get("model")
+                if (peer["method"] in ("gptq", "autoround") and peer["bits"] == r["bits"] and peer["quant_seconds"]
+                        and same_machine):
                     times[f"{r['name']}/{peer['name']}"] = r["quant_seconds"] / peer["quant_seconds"]
     payload = {"settings": settings, "cpu": cpu_description(), "time_ratios": times,
                "results": [{k: v for k, v in r.items() if k not in ("gsq_layers", "recipe")} for r in rows],

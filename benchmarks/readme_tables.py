@@ -50,10 +50,8 @@ def accuracy_tables(payload: dict) -> dict[str, str]:
     rows = payload["results"]
     settings = payload["settings"]
     calibration = settings["calibration"]
-    cpu = payload.get("cpu", {})
-    head = (f"Measured with `.venv/bin/python benchmarks/accuracy.py` on {cpu.get('model', 'a CPU')} "
-            f"({cpu.get('cores', '?')} cores; {'AVX-512' if 'avx512f' in cpu.get('flags', []) else 'AVX2'}"
-            f"{', AMX' if 'amx_tile' in cpu.get('flags', []) else ''}). Calibration: {calibration['samples']} x "
+    head = (f"Measured with `.venv/bin/python benchmarks/accuracy.py` on {_machines(rows, payload.get('cpu', {}))}. "
+            f"Calibration: {calibration['samples']} x "
             f"{calibration['seq_len']} tokens {'spread over' if calibration.get('spread') else 'from the start of'} "
             f"the Wikipedia calibration text, the same for every method; wiki = last "
             f"{settings['evaluation']['wiki']['windows']} x 2048 tokens of held-out Wikipedia articles, news = last "
@@ -62,7 +60,7 @@ def accuracy_tables(payload: dict) -> dict[str, str]:
             "All Linear layers but lm_head quantized by every method, symmetric int, group 64.\n\n")
     peers = {bits: autoround_peer(rows, bits) for bits in sorted({r["bits"] for r in rows}, key=str)}
     columns = ("| row | method | bits | wiki ppl | news ppl | EAR | gap / GPTQ (wiki, news) "
-               "| gap / GPTQ-MSE (wiki, news) | gap / AutoRound (wiki, news) | quant s |")
+               "| gap / GPTQ-MSE (wiki, news) | gap / AutoRound (wiki, news) | quant s | peak MB |")
     lines = [columns, "|" + "---|" * (columns.count("|") - 1)]
     for r in rows:
         if r["ablation"]:
@@ -72,7 +70,8 @@ def accuracy_tables(payload: dict) -> dict[str, str]:
                   for peer in (f"gptq{bits}", f"gptq{bits}-mse", peers.get(bits))]
         lines.append("| " + " | ".join([
             f"**{r['name']}**" if r["method"] == "gsq" else r["name"], r["label"], str(bits), _num(r["ppl"]),
-            _num(r["ppl_news"]), f"{r['ear']:.3f}", *ratios, f"{r['quant_seconds']:.0f}"]) + " |")
+            _num(r["ppl_news"]), f"{r['ear']:.3f}", *ratios, f"{r['quant_seconds']:.0f}",
+            "-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"]) + " |")
     named = [f"{bits}-bit: {peer}" for bits, peer in peers.items() if peer]
     if named:
         lines.append("")
@@ -92,6 +91,23 @@ def accuracy_tables(payload: dict) -> dict[str, str]:
                               f"| {r['ear']:.3f} | {r['quant_seconds']:.0f} |")
     return {"accuracy-table": head + "\n".join(lines),
             "ablation-table": "\n".join(ablation_lines) if ablations else "(no ablation rows in the results file)"}
+
+
+def _machine(cpu: dict) -> str:
+    return (f"{cpu.get('model', 'a CPU')} ({cpu.get('cores', '?')} cores; "
+            f"{'AVX-512' if 'avx512f' in cpu.get('flags', []) else 'AVX2'}{', AMX' if 'amx_tile' in cpu.get('flags', []) else ''})")
+
+
+def _machines(rows: list[dict], default: dict) -> str:
+    """The machine of every row (rows computed on different machines are named with theirs: their
+    seconds compare only within one machine)."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        groups.setdefault(_machine(r.get("cpu") or default), []).append(r["name"])
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{machine} for {', '.join(names)}" for machine, names in groups.items()) + \
+        " (quantization seconds compare only between rows of one machine)"
 
 
 def _cpu_line(payload: dict) -> str:

@@ -42,6 +42,7 @@ import torch
 from compressed_tensors.utils import getattr_chain, match_named_modules, update_offload_parameter
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
+from torch.utils.hooks import RemovableHandle
 
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
@@ -141,6 +142,7 @@ class GSQModifier(Modifier, QuantizationMixin):
     _blocks: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _members: dict[str, dict[str, torch.nn.Module]] = PrivateAttr(default_factory=dict)
     _inputs: dict[str, BlockInputs] = PrivateAttr(default_factory=dict)
+    _capture_hooks: dict[str, RemovableHandle] = PrivateAttr(default_factory=dict)
     _fp_stream: list[torch.Tensor] | None = PrivateAttr(default=None)
     _report: list[dict] = PrivateAttr(default_factory=list)
 
@@ -234,7 +236,8 @@ class GSQModifier(Modifier, QuantizationMixin):
             self.register_hook(module, self._accumulate, "forward")
         for name, block in self._blocks.items():
             self._inputs[name] = BlockInputs(self.max_block_tokens, getattr(torch, self.cache_dtype))
-            self.register_hook(block, self._inputs[name].capture, "forward_pre", with_kwargs=True)
+            self._capture_hooks[name] = self.register_hook(block, self._inputs[name].capture, "forward_pre",
+                                                           with_kwargs=True)
 
     def _accumulate(self, module: torch.nn.Module, args: tuple, _output) -> None:
         """Hessian of each quantized Linear's input, and its token count."""
@@ -306,6 +309,8 @@ class GSQModifier(Modifier, QuantizationMixin):
 
     def _quantize_block(self, block_name: str) -> None:
         block, members, inputs = self._blocks[block_name], self._members[block_name], self._inputs.pop(block_name)
+        # the hook holds the recorded inputs: removed, they go with this call (one layer's at a time)
+        self.remove_hooks({self._capture_hooks.pop(block_name)})
         if len(inputs) == 0:
             raise ValueError(f"block {block_name}: no calibration inputs were seen")
         originals = {rel: module.weight.detach().float() for rel, module in members.items()}
