@@ -180,19 +180,6 @@ def cache_key(name: str, settings: dict, recipe: dict | None) -> str:
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def model_digest(model_dir: Path) -> str:
-    """Identity of a model folder's weights (size and a hash of the first and last MiB of each file)."""
-    digest = hashlib.sha1()
-    for path in sorted(model_dir.glob("*.safetensors")):
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(1 << 20)
-            handle.seek(max(0, size - (1 << 20)))
-            tail = handle.read()
-        digest.update(f"{path.name}:{size}".encode() + head + tail)
-    return digest.hexdigest()[:12]
-
-
 class DiskCachedReference(torch.nn.Module):
     """The full-precision reference, its logits kept on disk by model and input ids.
 
@@ -225,6 +212,7 @@ def run_one(name: str, settings: dict, recipe: dict | None, out_file: Path) -> N
     from gsq_vllm import data
     from gsq_vllm.checkpoint import load_causal_lm
     from gsq_vllm.evaluation import evaluate
+    from gsq_vllm.quantize import model_fingerprint
 
     spec = ALL[name]
     model_dir = data.default_model_dir()
@@ -249,7 +237,7 @@ def run_one(name: str, settings: dict, recipe: dict | None, out_file: Path) -> N
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     candidate = load_causal_lm(candidate_dir)
     reference = DiskCachedReference(load_causal_lm(model_dir),
-                                    data.cache_dir() / "reference-logits" / model_digest(model_dir))
+                                    data.cache_dir() / "reference-logits" / model_fingerprint(model_dir))
     for text, suffix in (("wiki", ""), ("news", "_news")):
         windows = data.text_windows(text, tokenizer, settings["evaluation"][text]["windows"], 2048, from_end=True)
         torch.manual_seed(0)

@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ResumeMismatch", "LayerStore", "resume_dir_for", "tensor_digest", "open_run"]
+__all__ = ["ResumeMismatch", "LayerStore", "resume_dir_for", "tensor_digest", "open_run", "close_run"]
 
 # what must match for a run to resume; anything else in run.json (library versions, threads) is
 # recorded and only warned about when it differs, since it can change low-order bits but not the recipe
