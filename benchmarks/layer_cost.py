@@ -61,7 +61,9 @@ FULL_SEQUENCES = 128  # the recipes' calibration: 128 x 512 tokens
 VOCAB = 512  # the one-layer model's vocabulary (not per-layer cost)
 E2E_VOCAB = 128256  # Llama-3.1's, for the end-to-end stage's head
 E2E_LAYERS = {"8b": 32, "70b": 80, "tiny": 2}
-E2E_STAGE = "per sequence, layers checkpointed, weights rebuilt per call (GSQEndToEndModifier as of 8364fef)"
+E2E_STAGE = ("per sequence, layers checkpointed, weights rebuilt per call, KL chunked over positions, "
+             "the model's own head for the teacher")
+E2E_CHUNK = 128  # GSQEndToEndModifier's positions_per_chunk
 RECIPES = {"gsq": "gsq_w3a16_g64", "gptq": "gptq_w3a16_g64", "autoround": "autoround_w3a16_g64"}
 MODIFIERS = {"gsq": "GSQModifier", "gptq": "GPTQModifier", "autoround": "AutoRoundModifier"}
 BUDGET_KEY = {"gsq": "steps", "autoround": "iters"}
@@ -340,10 +342,10 @@ def measure_forward_backward(spec: dict) -> dict:
       the layer recomputed in backward (gradient checkpointing), its weights rebuilt from int8 codes
       x scales at every call of each Linear; gradients to the scales, the norms and the layer's
       input (the layers below);
-    * head (vocab 128256 at 8B): teacher logits from kept hidden states (bf16) through a copy of the
-      head, student logits, KL, backward to the final hidden states; measured with the head's weight
-      frozen (as the stage runs it) and, for comparison, requiring a gradient (as it did before it
-      froze every parameter it does not tune).
+    * head (vocab 128256 at 8B): :mod:`gsq_vllm.gsq.end_to_end`'s own KL, a chunk of positions at a
+      time: teacher logits from kept hidden states (bf16), student logits, KL, backward to the final
+      hidden states; measured with the head's weight frozen (as the stage runs it) and, for
+      comparison, requiring a gradient.
     """
     import gc
 
@@ -397,29 +399,27 @@ def measure_forward_backward(spec: dict) -> dict:
     result["layer_peak_rss_mb"] = memory.peak_mb
     del model, layer, codes, gains, scales, inputs, members
     gc.collect()
-    vocab = spec.get("vocab", E2E_VOCAB)
+    vocab, chunk = spec.get("vocab", E2E_VOCAB), spec.get("positions_per_chunk", E2E_CHUNK)
     if vocab:
+        from gsq_vllm.gsq.end_to_end import _accumulate_kl_gradients
+
         for frozen in (False, True):
             with PeakMemory() as memory:
                 head = torch.nn.Linear(h, vocab, bias=False, device=device)
                 head.weight.requires_grad_(not frozen)
-                teacher_head = head.weight.detach().clone()
                 kept = torch.randn(seq_len, h, device=device).to(torch.bfloat16)
                 final = torch.randn(seq_len, h, device=device, requires_grad=True)
 
-                def head_step():  # one sequence
-                    with torch.no_grad():
-                        teacher = torch.log_softmax(torch.nn.functional.linear(kept.float(), teacher_head).float(), -1)
-                    student = torch.log_softmax(head(final).float(), -1)
-                    loss = (teacher.exp() * (teacher - student)).sum(-1).mean()
-                    loss.backward()
+                def head_step():  # one sequence, the stage's own chunked KL through the model's head
+                    _accumulate_kl_gradients(lambda items: final, lambda items: kept.float(), [0], [final], head,
+                                             chunk=chunk)
 
                 key = "e2e_head_fwd_bwd_s_per_sequence" + ("_frozen_head" if frozen else "")
                 result[key] = _timed(head_step, repeats)
             result[key.replace("_s_per_sequence", "_peak_rss_mb")] = memory.peak_mb
-            del head, teacher_head, kept, final
+            del head, kept, final
             gc.collect()
-        result["e2e_head_vocab"] = vocab
+        result["e2e_head_vocab"], result["e2e_positions_per_chunk"] = vocab, chunk
     result["peak_rss_mb"] = max(v for k, v in result.items() if k.endswith("peak_rss_mb"))
     if device == "cuda":
         result["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -777,6 +777,7 @@ def end_to_end_cost(shape_name: str, shape: dict[str, int], fb: dict) -> dict:
     head = per_step * fb["e2e_head_fwd_bwd_s_per_sequence_frozen_head"] * SEQ_LEN / fb["seq_len"]
     trained = per_step * fb["e2e_head_fwd_bwd_s_per_sequence"] * SEQ_LEN / fb["seq_len"]
     p, h, vocab = layer_params(shape), shape["hidden"], fb["e2e_head_vocab"]
+    chunk = fb.get("e2e_positions_per_chunk", E2E_CHUNK)
     tokens = per_step * SEQ_LEN
     activations = tokens * (4 * h + 4 * shape["intermediate"]) * 4  # inputs of the Linears and the MLP's, fp32
     memory = {  # bytes, the whole model at this shape (fp32, as the quantize job loads it); the stage as it runs now
@@ -784,9 +785,8 @@ def end_to_end_cost(shape_name: str, shape: dict[str, int], fb: dict) -> dict:
         "codes held as int8": layers * p,
         "one layer's rebuilt weights and activations (checkpointed)": 4 * p + activations // per_step,
         "layer-boundary hidden states of one sequence": layers * SEQ_LEN * h * 4,
-        "teacher head copy": 4 * vocab * h,
         "teacher hidden states kept (bf16, 128 x 512 tokens)": 2 * FULL_SEQUENCES * SEQ_LEN * h,
-        "logits and log-softmaxes of one sequence (fp32, ~6 of [512, vocab])": 6 * 4 * SEQ_LEN * vocab,
+        f"logits and log-softmaxes of one chunk (fp32, ~6 of [{chunk}, vocab])": 6 * 4 * chunk * vocab,
     }
     return {
         "seconds_per_step": layers * layer + head, "layer_fwd_bwd_s": layer, "head_fwd_bwd_s": head,

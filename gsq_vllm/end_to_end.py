@@ -8,7 +8,8 @@ symmetric int weights (GSQ, GPTQ, AutoRound, RTN).
 
 * ``on_initialize`` (before anything is quantized): runs the full-precision model on the first
   ``sequences`` calibration sequences and keeps what its output head sees (the final hidden
-  states) and a copy of the head, so the teacher's logits can be recomputed at any step;
+  states), so the teacher's logits can be recomputed, a slice of positions at a time, at any
+  step (a copy of the head is kept only when a recipe quantizes the head itself);
 * ``on_finalize`` (after every layer is quantized, outside the calibration context so the model
   runs normally): the tuning, then the new scales are written.
 
@@ -36,6 +37,7 @@ from llmcompressor.utils.helpers import DisableQuantization
 
 from gsq_vllm.gsq import EndToEndConfig, dequantize, tune_end_to_end
 from gsq_vllm.gsq.blocks import linears_with_weights
+from gsq_vllm.peak_memory import release_freed_memory
 
 __all__ = ["GSQEndToEndModifier"]
 
@@ -71,6 +73,8 @@ class GSQEndToEndModifier(Modifier):
     :param cache_dtype: dtype of the kept teacher hidden states.
     :param checkpoint_layers: recompute decoder layers in backward (gradient checkpointing): memory
         of one layer's activations and weights instead of the whole model's, for one more forward.
+    :param positions_per_chunk: positions whose full-vocabulary logits exist at once (the KL is
+        computed chunk by chunk; the result is the same up to rounding order).
     """
 
     requires_calibration_data: bool = True
@@ -84,6 +88,7 @@ class GSQEndToEndModifier(Modifier):
     seed: int = 0
     cache_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     checkpoint_layers: bool = True
+    positions_per_chunk: int = Field(default=128, ge=1)
 
     _input_ids: list[torch.Tensor] = PrivateAttr(default_factory=list)
     _teacher_hidden: list[torch.Tensor] = PrivateAttr(default_factory=list)
@@ -124,8 +129,9 @@ class GSQEndToEndModifier(Modifier):
                     model(input_ids=ids[None].to(device), use_cache=False)
         finally:
             hook.remove()
-        self._teacher_head = (head.weight.detach().to("cpu").clone(),
-                              None if head.bias is None else head.bias.detach().to("cpu").clone())
+        if getattr(head, "quantization_scheme", None) is not None:  # the student's head will differ
+            self._teacher_head = (head.weight.detach().to("cpu").clone(),
+                                  None if head.bias is None else head.bias.detach().to("cpu").clone())
         return True
 
     def on_finalize(self, state: State, **kwargs) -> bool:
@@ -134,12 +140,18 @@ class GSQEndToEndModifier(Modifier):
         if self.steps == 0:
             return True
         model = state.model
+        release_freed_memory()  # what the layer-wise stage freed
         linears, codes, initial, group_sizes = self._quantized_linears(model)
         gains = {name: torch.nn.Parameter(torch.zeros_like(initial[name])) for name in linears}
         norms = [p for name, module in model.named_modules() if type(module).__name__.endswith("Norm")
                  for p in module.parameters(recurse=False)] if self.tune_norms else []
         device = next(model.parameters()).device
-        head_weight, head_bias = (t.to(device) if t is not None else None for t in self._teacher_head)
+        head = model.get_output_embeddings()
+        trunk = model.base_model  # everything before the head: its output is the final hidden states
+        teacher_head = head
+        if self._teacher_head is not None:
+            head_weight, head_bias = (t.to(device) if t is not None else None for t in self._teacher_head)
+            teacher_head = lambda hidden: torch.nn.functional.linear(hidden, head_weight, head_bias)  # noqa: E731
 
         def weight_of(name: str):
             """Codes times the current scales, computed at each call of the Linear (and again when
@@ -148,22 +160,22 @@ class GSQEndToEndModifier(Modifier):
                 initial[name] * torch.exp(gains[name])).repeat_interleave(group_sizes[name], 1)
 
         def student(items: list[int]) -> torch.Tensor:
-            logits = [model(input_ids=self._input_ids[i][None].to(device), use_cache=False).logits[0] for i in items]
-            return torch.log_softmax(torch.cat(logits).float(), dim=-1)
+            return torch.cat([trunk(input_ids=self._input_ids[i][None].to(device), use_cache=False).last_hidden_state[0]
+                              for i in items])
 
         def teacher(items: list[int]) -> torch.Tensor:
-            hidden = torch.cat([self._teacher_hidden[i] for i in items]).to(device, head_weight.dtype)
-            return torch.log_softmax(torch.nn.functional.linear(hidden, head_weight, head_bias).float(), dim=-1)
+            return torch.cat([self._teacher_hidden[i] for i in items]).to(device, head.weight.dtype)
 
         begin = time.time()
         config = EndToEndConfig(steps=self.steps, lr=self.lr, items_per_step=self.sequences_per_step,
-                                holdout=self.holdout, seed=self.seed)
+                                holdout=self.holdout, seed=self.seed, positions_per_chunk=self.positions_per_chunk)
         # the whole tuning (its backward passes included) runs inside these contexts, so a layer
         # recomputed by gradient checkpointing sees the same weights as its forward did
         with torch.enable_grad(), DisableQuantization(model), \
                 linears_with_weights(linears, {name: weight_of(name) for name in linears}), \
                 self._layer_checkpointing(model), _only_trainable(model, norms):
-            result = tune_end_to_end(student, teacher, list(gains.values()) + norms, len(self._input_ids), config)
+            result = tune_end_to_end(student, teacher, list(gains.values()) + norms, len(self._input_ids), config,
+                                     head=head, teacher_head=teacher_head)
         with torch.no_grad():
             for name, module in linears.items():
                 scales = (initial[name] * torch.exp(gains[name])).to(module.weight.dtype)
@@ -176,6 +188,7 @@ class GSQEndToEndModifier(Modifier):
                     f"{' (kept the start)' if result.kept_initial else ''} over {len(linears)} layers"
                     f"{f' and {len(norms)} norms' if norms else ''} in {seconds:.0f}s")
         self._input_ids, self._teacher_hidden, self._teacher_head = [], [], None
+        release_freed_memory()  # before the checkpoint is written
         return True
 
     @contextlib.contextmanager

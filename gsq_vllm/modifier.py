@@ -65,6 +65,7 @@ from gsq_vllm.gsq import (
 )
 from gsq_vllm.gsq import distributed
 from gsq_vllm.gsq.blocks import BlockInputs, linears_with_weights
+from gsq_vllm.peak_memory import release_freed_memory
 from gsq_vllm.resume import LayerStore, tensor_digest
 
 __all__ = ["GSQModifier", "codes_digest"]
@@ -251,12 +252,14 @@ class GSQModifier(Modifier, QuantizationMixin):
         for module in calibrated:  # under torchrun: every rank's calibration shard counts
             distributed.all_reduce_sum(self._hessians[module])
             self._tokens[module] = int(distributed.all_reduce_sum(torch.tensor(self._tokens[module])))
+        release_freed_memory()  # what the calibration pass freed, before this layer's work allocates its own
         with torch.enable_grad(), HooksMixin.disable_hooks():
             for module in calibrated:
                 if self._block_of(module) is None:
                     self._quantize_layer(module)
             for name in ready:
                 self._quantize_block(name)
+        release_freed_memory()
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         QuantizationMixin.end_calibration(self, state.model)

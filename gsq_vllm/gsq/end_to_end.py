@@ -6,9 +6,14 @@ full-precision model's: ``KL(teacher || student)`` on calibration sequences. Lay
 objectives cannot see how errors compound through the depth of the model; this stage can, and
 it changes nothing in the checkpoint's format (same codes, other scales).
 
-Plain torch: the caller provides the student's and the teacher's log-probabilities for a list of
-calibration items, and the parameters to train. Like the layer-wise stages it never returns
-something worse than its start: the result is kept only if it lowers the KL on held-out items.
+Plain torch: the caller provides the student's and the teacher's final hidden states for a list
+of calibration items, the output head(s) that turn them into logits, and the parameters to train.
+The KL is computed a slice of positions at a time (``positions_per_chunk``), so the full-vocabulary
+logits of a whole sequence never exist at once: memory grows with chunk x vocabulary, not with
+sequence length x vocabulary (at Llama-3's 128k vocabulary, one 2048-token sequence's fp32 logits
+are 1 GB per copy, and a KL's forward and backward holds several copies). Like the layer-wise
+stages it never returns something worse than its start: the result is kept only if it lowers the
+KL on held-out items.
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EndToEndConfig", "EndToEndResult", "kl_divergence", "tune_end_to_end"]
 
+Items = Callable[[list[int]], torch.Tensor]  # item indices -> final hidden states [positions, width]
+Head = Callable[[torch.Tensor], torch.Tensor]  # hidden states -> logits
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
 
 @dataclass
 class EndToEndConfig:
@@ -35,9 +47,10 @@ class EndToEndConfig:
     items_per_step: int = 4
     holdout: float = 0.1  # fraction of the items kept out of training for the final check
     seed: int = 0
+    positions_per_chunk: int = 128  # positions whose full-vocabulary logits exist at once
 
     def __post_init__(self):
-        if self.steps < 0 or self.items_per_step < 1 or self.lr <= 0:
+        if self.steps < 0 or self.items_per_step < 1 or self.lr <= 0 or self.positions_per_chunk < 1:
             raise ValueError(f"invalid end-to-end settings: {self}")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be a fraction in [0, 1), got {self.holdout}")
@@ -58,46 +71,85 @@ def kl_divergence(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tens
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
+def _chunks(positions: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, positions)) for start in range(0, positions, size)]
+
+
+def _item_kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: Head, teacher_head: Head,
+                 chunk: int) -> torch.Tensor:
+    """``KL(teacher || student)`` summed over the positions of one item, a chunk of positions at a
+    time (no gradient: the held-out check)."""
+    student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    total = torch.zeros((), dtype=torch.float64)
+    for part in _chunks(student_hidden.shape[0], chunk):
+        target = torch.log_softmax(teacher_head(teacher_hidden[part]).float(), dim=-1)
+        log_probs = torch.log_softmax(head(student_hidden[part]).float(), dim=-1)
+        total += kl_divergence(target, log_probs).double() * (part.stop - part.start)
+    return total
+
+
 def _accumulate_kl_gradients(
-    student: Callable[[list[int]], torch.Tensor],
-    teacher: Callable[[list[int]], torch.Tensor],
+    student: Items,
+    teacher: Items,
     items: list[int],
     parameters: list[torch.nn.Parameter],
+    head: Head = _identity,
+    teacher_head: Head | None = None,
+    chunk: int = 128,
 ) -> float:
     """Gradient of the mean KL over every position of ``items``, one item's graph at a time.
 
     The same gradient as one backward through all items together (up to rounding order), but only
-    one item's activations and logits are alive at once: memory does not grow with the items per step.
-    Under torchrun the mean runs over every rank's items (each rank passes its own).
+    one item's activations and one chunk of its logits are alive at once: the head and the KL run
+    on a detached copy of the item's hidden states, chunk by chunk, each chunk's backward adding to
+    that copy's gradient, which then flows back through the model once. Under torchrun the mean
+    runs over every rank's items (each rank passes its own).
     """
+    teacher_head = teacher_head or head
     total, positions = 0.0, 0
     for item in items:
         with torch.no_grad():
-            target = teacher([item]).float()
-        log_probs = student([item])
-        count = log_probs.numel() // log_probs.shape[-1]
-        kl_sum = kl_divergence(target, log_probs) * count
-        kl_sum.backward()
-        total, positions = total + kl_sum.item(), positions + count
-        del target, log_probs, kl_sum
+            target_hidden = teacher([item])
+        hidden = student([item])
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        target_hidden = target_hidden.reshape(-1, target_hidden.shape[-1])
+        detached = hidden.detach().requires_grad_(hidden.requires_grad)
+        for part in _chunks(hidden.shape[0], chunk):
+            with torch.no_grad():
+                target = torch.log_softmax(teacher_head(target_hidden[part]).float(), dim=-1)
+            log_probs = torch.log_softmax(head(detached[part]).float(), dim=-1)
+            kl_sum = kl_divergence(target, log_probs) * (part.stop - part.start)
+            if kl_sum.requires_grad:
+                kl_sum.backward()
+            total += kl_sum.item()
+            del target, log_probs, kl_sum
+        if detached.grad is not None:
+            hidden.backward(detached.grad)
+        positions += hidden.shape[0]
+        del hidden, detached, target_hidden
     total, positions = distributed.all_reduce_sum(torch.tensor([total, positions], dtype=torch.float64)).tolist()
     distributed.reduce_gradients(parameters, positions)
     return total / positions
 
 
 def tune_end_to_end(
-    student: Callable[[list[int]], torch.Tensor],
-    teacher: Callable[[list[int]], torch.Tensor],
+    student: Items,
+    teacher: Items,
     parameters: list[torch.nn.Parameter],
     count: int,
     config: EndToEndConfig = EndToEndConfig(),
     *,
+    head: Head = _identity,
+    teacher_head: Head | None = None,
     progress: bool = True,
 ) -> EndToEndResult:
-    """Adam on ``parameters`` to lower ``KL(teacher(items) || student(items))``.
+    """Adam on ``parameters`` to lower ``KL(softmax(teacher_head(teacher(items))) || softmax(head(student(items))))``.
 
-    ``student(items)`` / ``teacher(items)`` return log-probabilities ``[..., vocab]`` for a list of
-    item indices in ``range(count)``; the student's must depend differentiably on ``parameters``.
+    ``student(items)`` / ``teacher(items)`` return final hidden states ``[..., width]`` for a list
+    of item indices in ``range(count)``; the student's must depend differentiably on ``parameters``.
+    ``head`` (``teacher_head``, default the same) maps hidden states to logits; the identity (the
+    default) lets the callables return logits directly.
     The last ``config.holdout`` of the items are never trained on; if the trained parameters do
     not lower the KL there, they are restored to their start.
     """
@@ -110,8 +162,11 @@ def tune_end_to_end(
 
     @torch.no_grad()
     def held_out_kl() -> float:  # the mean over every rank's held-out items
-        total = torch.tensor([float(sum(kl_divergence(teacher([i]), student([i])) for i in held)), len(held)],
-                             dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64)  # KL summed over positions, positions
+        for i in held:
+            target_hidden = teacher([i])
+            total[0] += _item_kl_sum(student([i]), target_hidden, head, teacher_head or head, config.positions_per_chunk)
+            total[1] += target_hidden.numel() // target_hidden.shape[-1]
         total = distributed.all_reduce_sum(total)
         return float(total[0] / total[1])
 
@@ -127,7 +182,8 @@ def tune_end_to_end(
             group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
         items = torch.randperm(train_count, generator=generator)[:batch].tolist()
         optimizer.zero_grad(set_to_none=True)
-        loss = _accumulate_kl_gradients(student, teacher, items, parameters)
+        loss = _accumulate_kl_gradients(student, teacher, items, parameters, head, teacher_head,
+                                        config.positions_per_chunk)
         if not math.isfinite(loss):
             raise FloatingPointError(f"end-to-end tuning: the KL is {loss} at step {step}")
         optimizer.step()

@@ -1,28 +1,53 @@
-"""The end-to-end stage's gradient, accumulated one item at a time, is the full batch's."""
+"""The end-to-end stage's gradient, accumulated one item and one chunk of positions at a time, is the
+full batch's."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from gsq_vllm.gsq.end_to_end import _accumulate_kl_gradients, kl_divergence
+from gsq_vllm.gsq.end_to_end import EndToEndConfig, _accumulate_kl_gradients, kl_divergence, tune_end_to_end
 
 
-def test_item_by_item_gradient_equals_the_batch_gradient():
+def _problem():
     torch.manual_seed(0)
     inputs = [torch.randn(length, 8, dtype=torch.float64) for length in (5, 9, 3)]  # items of unequal length
-    teacher_weight = torch.randn(8, 11, dtype=torch.float64)
-    scale = torch.nn.Parameter(torch.ones(11, dtype=torch.float64))
+    head_weight = torch.randn(11, 6, dtype=torch.float64)
+    teacher_weight = torch.randn(8, 6, dtype=torch.float64)
+    scale = torch.nn.Parameter(torch.ones(6, dtype=torch.float64))
     noisy = teacher_weight + 0.3 * torch.randn_like(teacher_weight)
 
-    def student(items):
-        return torch.log_softmax(torch.cat([inputs[i] for i in items]) @ noisy * scale, dim=-1)
+    def student(items):  # final hidden states: the head turns them into logits
+        return torch.cat([inputs[i] for i in items]) @ noisy * scale
 
     def teacher(items):
-        return torch.log_softmax(torch.cat([inputs[i] for i in items]) @ teacher_weight, dim=-1)
+        return torch.cat([inputs[i] for i in items]) @ teacher_weight
 
+    def head(hidden):
+        return hidden @ head_weight.T
+
+    return student, teacher, head, scale
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 128])
+def test_item_by_item_chunked_gradient_equals_the_batch_gradient(chunk):
+    student, teacher, head, scale = _problem()
     items = [2, 0, 1]
-    batch_loss = kl_divergence(teacher(items), student(items))
+    batch_loss = kl_divergence(torch.log_softmax(head(teacher(items)), -1), torch.log_softmax(head(student(items)), -1))
     (expected,) = torch.autograd.grad(batch_loss, [scale])
-    loss = _accumulate_kl_gradients(student, teacher, items, [scale])
+    loss = _accumulate_kl_gradients(student, teacher, items, [scale], head, chunk=chunk)
     assert abs(loss - batch_loss.item()) < 1e-6 * batch_loss.item()  # kl_divergence sums in fp32
     torch.testing.assert_close(scale.grad, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_chunk_size_changes_only_rounding():
+    results = []
+    for chunk in (2, 64):
+        student, teacher, head, scale = _problem()
+        config = EndToEndConfig(steps=5, lr=1e-2, items_per_step=2, holdout=0.34, positions_per_chunk=chunk)
+        result = tune_end_to_end(student, teacher, [scale], 3, config, head=head, progress=False)
+        results.append((result.initial_kl, result.final_kl, scale.detach().clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-7)
+    assert results[0][1] < results[0][0]  # it learnt something
