@@ -63,12 +63,19 @@ def preflight(args: list[str]) -> None:
     Folders that are not ours (a GPTQ or AWQ checkpoint, a plain model) are checked only for what
     every loader needs: config.json, whole safetensors files and a tokenizer.
     """
-    from gsq_vllm.checkpoint import check_tokenizer, inspect_checkpoint, read_config, safetensors_files
+    from gsq_vllm.checkpoint import (CheckpointError, check_tokenizer, inspect_checkpoint, read_config,
+                                     safetensors_files)
     from gsq_vllm.serving.claim import METHOD_NAME, claims_checkpoint
 
     model = _model_argument(args)
-    if model is None or not Path(model).is_dir():
-        return  # a hub name, or no model: vLLM's own errors
+    if model is None:
+        return  # no model: vLLM's own usage error
+    if not Path(model).is_dir():
+        if Path(model).exists():
+            raise CheckpointError(f"{model} is a file, not a model folder")
+        if _looks_like_a_path(model):
+            raise CheckpointError(f"{model}: no such model folder (it does not exist)")
+        return  # a hub name (org/name): vLLM resolves it
     config = read_config(model)
     _check_quantization_method(Path(model) / "config.json", config.get("quantization_config"))
     if claims_checkpoint(config.get("quantization_config")) or _option(args, "--quantization") == METHOD_NAME:
@@ -77,6 +84,12 @@ def preflight(args: list[str]) -> None:
         safetensors_files(Path(model))
     if _option(args, "--tokenizer") is None and "--skip-tokenizer-init" not in args:
         check_tokenizer(model)
+
+
+def _looks_like_a_path(model: str) -> bool:
+    """A model argument that can only mean a local folder: absolute, relative with ./ ../ or ~, or
+    more than the one slash of a hub ``org/name``."""
+    return model.startswith(("/", "./", "../", "~")) or model.endswith("/") or model.count("/") > 1
 
 
 def _check_quantization_method(config_file: Path, quant_config: object) -> None:

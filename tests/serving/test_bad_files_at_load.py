@@ -33,6 +33,19 @@ def test_gsq_vllm_serve_refuses_a_bad_folder_in_one_line(kind, tiny_model_dir, t
     assert str(file) in ours[0] and message in ours[0], ours[0]
 
 
+@pytest.mark.parametrize("which,message", [("missing", "no such model folder"), ("file", "is a file, not a model folder")])
+def test_gsq_vllm_serve_names_a_model_path_that_is_not_a_folder(which, message, tmp_path):
+    """No hub lookup, no traceback: a path that cannot be a hub name and is not a folder is one line."""
+    model = tmp_path / "no-such-model"
+    if which == "file":
+        model.write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "gsq_vllm.cli", "serve", str(model), "--port", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"gsq-vllm serve: error: {model}" in result.stderr and message in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.slow  # needs the real model's checkpoint
 def test_a_damaged_gsq_checkpoint_stops_plain_vllm_before_loading(tmp_path):
     """``vllm.LLM`` (no gsq-vllm command in front): the plugin's ``maybe_update_config`` hook checks
