@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
     from vllm.platforms import current_platform
 
-    from gsq_vllm.serving.server import free_port
+    from harness.server import free_port
 
     records = []
     with set_current_vllm_config(VllmConfig()), torch.no_grad():

@@ -6,7 +6,7 @@ Run it with the serving environment's Python::
     .venv-serve/bin/python benchmarks/serve_load.py --concurrency 256 --only gsq
 
 Each model gets a fresh ``vllm serve`` on loopback (bf16, max-model-len 2048, the README's CPU
-settings) and one burst per concurrency (64 and 128 by default) from :mod:`gsq_vllm.serving.load`:
+settings) and one burst per concurrency (64 and 128 by default) from :mod:`harness.load`:
 all requests at once (completions and chat, streaming and not, 6 to 700-word prompts, 8 to 64
 greedy tokens with EOS ignored), clients that disconnect after two chunks, and nine requests that
 must be refused (prompts over the context, bad parameters, an unknown model, a body that is not
@@ -29,8 +29,8 @@ from pathlib import Path
 
 from gsq_vllm.files import write_json_atomic
 from gsq_vllm.machine import cpu_description
-from gsq_vllm.serving.load import build_requests, greedy_alone, run_burst, summarize
-from gsq_vllm.serving.server import CPU_SERVE_ARGS, VLLMServer
+from harness.load import build_requests, greedy_alone, run_burst, summarize
+from harness.server import CPU_SERVE_ARGS, VLLMServer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

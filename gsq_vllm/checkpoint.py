@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from gsq_vllm.weight_format import CHECKPOINT_BITS
 from gsq_vllm.packing import PackingError, PackLayout, detect_layout, layout_for_compressed_tensors_version
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 class CheckpointError(ValueError):
@@ -37,9 +37,9 @@ class WeightQuantization:
     @classmethod
     def from_config(cls, cfg: dict, where: str) -> "WeightQuantization":
         bits = cfg.get("num_bits")
-        if bits not in SUPPORTED_BITS:
+        if bits not in CHECKPOINT_BITS:
             raise CheckpointError(
-                f"{where}.num_bits = {bits!r} is not supported (expected one of {', '.join(map(str, SUPPORTED_BITS))})"
+                f"{where}.num_bits = {bits!r} is not supported (expected one of {', '.join(map(str, CHECKPOINT_BITS))})"
             )
         return cls(
             num_bits=int(bits),

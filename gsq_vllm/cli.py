@@ -117,8 +117,10 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 def _bits(value: str) -> int | str:
     if value == "ternary":
         return value
-    if value not in ("2", "3", "4"):
-        raise argparse.ArgumentTypeError(f"bits must be 2, 3, 4 or ternary, got {value!r}")
+    from gsq_vllm.weight_format import GSQ_BITS
+
+    if value not in map(str, GSQ_BITS):
+        raise argparse.ArgumentTypeError(f"bits must be {', '.join(map(str, GSQ_BITS))} or ternary, got {value!r}")
     return int(value)
 
 

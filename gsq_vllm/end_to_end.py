@@ -38,6 +38,7 @@ from llmcompressor.utils.helpers import DisableQuantization
 from gsq_vllm.gsq import EndToEndConfig, dequantize, tune_end_to_end
 from gsq_vllm.gsq.blocks import linears_with_weights
 from gsq_vllm.peak_memory import release_freed_memory
+from gsq_vllm.weight_format import code_range
 
 __all__ = ["GSQEndToEndModifier"]
 
@@ -222,8 +223,8 @@ class GSQEndToEndModifier(Modifier):
             weight = module.weight.detach().float()
             scale = module.weight_scale.detach().float().reshape(weight.shape[0], -1)
             group_size = weight.shape[1] // scale.shape[1]
-            qmax = 2 ** (args.num_bits - 1)
-            codes[name] = torch.clamp(torch.round(weight / scale.repeat_interleave(group_size, 1)), -qmax, qmax - 1
+            low, high = code_range(args.num_bits)
+            codes[name] = torch.clamp(torch.round(weight / scale.repeat_interleave(group_size, 1)), low, high
                                       ).to(torch.int8)  # a quarter of fp32's memory, exact
             linears[name], scales[name], group_sizes[name] = module, scale, group_size
         if not linears:

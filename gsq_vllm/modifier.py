@@ -67,6 +67,7 @@ from gsq_vllm.gsq import distributed
 from gsq_vllm.gsq.blocks import BlockInputs, linears_with_weights
 from gsq_vllm.peak_memory import release_freed_memory
 from gsq_vllm.resume import LayerStore, tensor_digest
+from gsq_vllm.weight_format import GSQ_BITS
 
 __all__ = ["GSQModifier", "codes_digest"]
 
@@ -222,8 +223,9 @@ class GSQModifier(Modifier, QuantizationMixin):
             if weights.num_bits != 2:
                 raise ValueError(f"layer {name}: the ternary grid is stored as 2-bit, found num_bits={weights.num_bits}")
             return get_grid("ternary")
-        if weights.num_bits not in (2, 3, 4):
-            raise ValueError(f"layer {name}: GSQ supports num_bits 2, 3 or 4 (or grid: ternary), found {weights.num_bits}")
+        if weights.num_bits not in GSQ_BITS:
+            raise ValueError(f"layer {name}: GSQ supports num_bits {', '.join(map(str, GSQ_BITS))} (or grid: ternary), "
+                             f"found {weights.num_bits}")
         return get_grid(weights.num_bits)
 
     def _block_of(self, module: torch.nn.Module) -> str | None:

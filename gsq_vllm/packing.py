@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from gsq_vllm.weight_format import code_range  # re-exported: packing's callers read the range here too
+
 __all__ = [
     "PackLayout",
     "PackingError",
@@ -48,12 +50,6 @@ class PackingError(ValueError):
 class PackLayout(str, enum.Enum):
     DENSE = "dense"
     WORD_ALIGNED = "word_aligned"
-
-
-def code_range(num_bits: int) -> tuple[int, int]:
-    """Smallest and largest signed code of a symmetric ``num_bits`` integer grid."""
-    _check_bits(num_bits)
-    return -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
 
 
 def packed_width(num_columns: int, num_bits: int, layout: PackLayout | str) -> int:

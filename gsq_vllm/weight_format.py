@@ -12,10 +12,15 @@ ask this module, so the widths they accept cannot drift apart.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+#: widths GSQ quantizes to (ternary codes are stored as 2-bit)
+GSQ_BITS = (2, 3, 4)
+#: widths a pack-quantized checkpoint may hold for the checkpoint reader (GSQ's, and 8-bit layers beside them)
+CHECKPOINT_BITS = (2, 3, 4, 8)
 #: widths the vLLM plugin takes a checkpoint over for (stock vLLM has no 2/3-bit path on CPU/ROCm)
 CLAIMED_BITS = (2, 3)
 #: widths the plugin's kernels serve; 4-bit layers are served beside 2/3-bit ones (on the CPU, where
@@ -23,6 +28,13 @@ CLAIMED_BITS = (2, 3)
 SERVED_BITS = (2, 3, 4)
 PACK_QUANTIZED = "pack-quantized"
 STRATEGIES = ("group", "channel")
+
+
+def code_range(num_bits: int) -> tuple[int, int]:
+    """Smallest and largest signed code of a symmetric ``num_bits`` integer grid ({-4..3} at 3 bits)."""
+    if not isinstance(num_bits, int) or not 1 <= num_bits <= 8:
+        raise ValueError(f"num_bits must be an integer in 1..8, got {num_bits!r}")
+    return -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
 
 
 def is_weight_only_int(weights: Mapping[str, Any] | None, input_activations: Any = None) -> bool:
@@ -37,9 +49,16 @@ def is_weight_only_int(weights: Mapping[str, Any] | None, input_activations: Any
     )
 
 
+def is_claimed_weights(weights: Mapping[str, Any] | None, input_activations: Any = None) -> bool:
+    """A ``weights`` entry the vLLM plugin serves without being asked: weight-only int at a claimed width."""
+    return is_weight_only_int(weights, input_activations) and weights.get("num_bits") in CLAIMED_BITS
+
+
 def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """fp32 weight ``[N, K]`` from int codes ``[N, K]`` and scales ``[N, K / group_size]``
     (one column: channel-wise). The one dequantisation every part of the project uses."""
+    import torch  # here, so the command line can read the widths above without importing torch
+
     groups = scales.shape[-1]
     if codes.shape[-1] % groups or scales.shape[0] != codes.shape[0]:
         raise ValueError(f"scales {tuple(scales.shape)} do not tile codes of shape {tuple(codes.shape)}")

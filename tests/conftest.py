@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# the serving harness (a real `vllm serve` process, load bursts) lives with the benchmarks, outside the package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
 HAS_LLMCOMPRESSOR = importlib.util.find_spec("llmcompressor") is not None
 
 
@@ -21,7 +25,7 @@ HAS_LLMCOMPRESSOR = importlib.util.find_spec("llmcompressor") is not None
 def tiny_model_dir(tmp_path_factory) -> Path:
     if importlib.util.find_spec("transformers") is None:
         pytest.skip("transformers is not installed in this environment")
-    from gsq_vllm.testing import save_tiny_llama
+    from tests.tiny_llama import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 

@@ -38,7 +38,7 @@ def test_cross_entropy_matches_transformers_loss(tiny_model_dir):
 
 
 def test_different_models_have_ear_below_one(tiny_model_dir, tmp_path):
-    from gsq_vllm.testing import save_tiny_llama
+    from tests.tiny_llama import save_tiny_llama
 
     other = load_causal_lm(save_tiny_llama(tmp_path / "other", seed=1))
     result = evaluate(load_causal_lm(tiny_model_dir), windows(), other, progress=False)

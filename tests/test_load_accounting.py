@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from gsq_vllm.serving.load import LoadOutcome, build_requests, summarize
+from harness.load import LoadOutcome, build_requests, summarize
 
 WORDS = [f"w{i}" for i in range(5000)]
 

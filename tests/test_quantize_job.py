@@ -93,7 +93,7 @@ def test_a_run_killed_after_some_layers_resumes_and_writes_the_same_checkpoint(t
     from safetensors.torch import load_file
 
     from gsq_vllm.resume import resume_dir_for
-    from gsq_vllm.testing import save_tiny_llama
+    from tests.tiny_llama import save_tiny_llama
 
     model = save_tiny_llama(tmp_path / "model", num_layers=4)
     recipe = tmp_path / "gsq.yaml"

@@ -22,7 +22,7 @@ import random
 import re
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["LoadRequest", "LoadOutcome", "build_requests", "run_burst", "summarize", "greedy_alone"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gsq_vllm.weight_format import code_range
 from gsq_vllm.weight_format import dequantize  # noqa: F401  (re-exported: the one dequantisation)
 
 LOCAL_SHIFTS = (-2, -1, 0, 1, 2)
@@ -49,9 +50,9 @@ class Grid:
 
 GRIDS = {
     "ternary": Grid("ternary", -1, 1, storage_bits=2, relaxation="full"),
-    "int2": Grid("int2", -2, 1, storage_bits=2, relaxation="full"),
-    "int3": Grid("int3", -4, 3, storage_bits=3, relaxation="local"),
-    "int4": Grid("int4", -8, 7, storage_bits=4, relaxation="local"),
+    "int2": Grid("int2", *code_range(2), storage_bits=2, relaxation="full"),
+    "int3": Grid("int3", *code_range(3), storage_bits=3, relaxation="local"),
+    "int4": Grid("int4", *code_range(4), storage_bits=4, relaxation="local"),
 }
 
 

@@ -1,5 +1,22 @@
-"""Triton weight-only GEMM kernels for GSQ's 2-, 3- and 4-bit symmetric group-wise weights.
+"""GSQ's weight-only GEMM kernels; this module is the Triton kernels' API.
 
+The files of ``gsq_vllm/kernels/``, one job each:
+
+* ``__init__.py`` (here): the Triton kernels' entry points (:func:`prepare_weight`,
+  :func:`gsq_matmul`, the custom op ``torch.ops.gsq_vllm.matmul``) and the choice of kernel by M.
+* ``gemv_splitk.py``: Triton split-K GEMV on CUDA cores, for M <= 2 rows (decode).
+* ``gemm.py``: Triton tensor-core GEMM (``tl.dot``), tiled for prefill, split-K for 3..16 rows.
+* ``common.py``: small helpers the Triton launchers share (interpreter check, autotuning keys).
+* ``planes.py``: the bit-plane layouts the kernels read (``triton``; ``cpu`` for the C++ kernels,
+  in blocks of 16 output rows), built from checkpoint codes at load time and inverted for tests.
+* ``reference.py``: the pure-torch reference (dequantize, then matmul) the kernels are tested
+  against.
+* ``cpu_lowbit.cpp``: the C++ CPU kernels for 2/3-bit weights (AMX, AVX-512, AVX2), registered as
+  ``torch.ops.gsq_cpu.lowbit_mm``, ``lowbit_dense_mm`` and ``lowbit_dequantize_t``.
+* ``cpu_lowbit.py``: builds and loads that extension and packs weights into its layout
+  (:func:`gsq_vllm.kernels.cpu_lowbit.prepare`); import it by name, this module does not.
+
+The Triton kernels take 2-, 3- and 4-bit symmetric group-wise weights:
 ``weight[n, k] = scale[n, k // group_size] * code[n, k]`` with signed integer codes; the kernels
 compute ``y = x @ weight.T (+ bias)`` without ever writing the dequantized weight to memory.
 
@@ -16,8 +33,8 @@ From checkpoint to kernel (once, at load time)::
         scales     [K // group_size, N], the checkpoint's dtype, N contiguous
         split_k_scratch  the GEMV's zeroed fp32/int32 scratch (8.5 bytes per output feature)
 
-The plane layout is defined (and inverted, for tests) in gsq_vllm.packing: see
-``pack_kernel_planes``. Then, at every forward::
+The plane layout is defined (and inverted, for tests) in ``gsq_vllm/kernels/planes.py``: see
+``pack_kernel_planes`` and ``unpack_kernel_planes``. Then, at every forward::
 
     gsq_matmul(x, weight, bias=None) -> y
         x     fp16 or bf16 [..., K] on the weight's device (any strides: copied if needed)

@@ -1,29 +1,45 @@
-// GSQ's native CPU kernels: a weight-only GEMM that reads 2/3-bit codes straight from their bit
-// planes (no int4 widening), and a one-pass dequantiser for large batches.
+// GSQ's native CPU kernels for 2/3-bit weights: a weight-only GEMM that reads the codes straight
+// from their bit planes (2 or 3 bits a weight in memory, no int4 widening), and a one-pass
+// dequantiser that feeds a dense GEMM for large batches.
 //
-// Layout: the ``cpu`` plane layout of gsq_vllm/kernels/planes.py (one owner of it), N contiguous:
-//   low_plane  int32 [K/16, N]: i = k%16 = 2j+p of row n at bit 16p + 2j of low_plane[k/16][n]
-//   high_plane int32 [K/32, N] (3-bit only): the code's third bit, c = k%32 = 16h + 2j + p, at bit
-//              16p + 8h + j of high_plane[k/32][n]
-//   scales     fp32  [K/G, N]
-// The unsigned code u = code + 2^(bits-1); weight[n][k] = scales[k/G][n] * (u - 2^(bits-1)).
+// Ops (TORCH_LIBRARY gsq_cpu, at the end of this file; N = 16 * low_plane.size(0)):
+//   lowbit_mm(x [M, K], low_plane, high_plane?, scales, bits, group_size) -> [M, N], x's dtype
+//   lowbit_dense_mm(same arguments) -> [M, N]: the weight rebuilt, then one dense GEMM
+//   lowbit_dequantize_t(low_plane, high_plane?, scales, bits, group_size, dtype) -> [K, N] fp32/bf16
+//   isa() -> the best instruction set this CPU (and GSQ_VLLM_CPU_ISA) allows
+// x is fp32, bf16 or fp16; bits 2 or 3; group_size G in {32, 64, 128}, dividing K.
+//
+// Weight layout (check_planes checks it; gsq_vllm/kernels/cpu_lowbit.py's prepare() builds it from
+// the ``cpu`` plane layout of gsq_vllm/kernels/planes.py, which owns it): blocks of 16 output rows,
+// each block's words contiguous, so that one thread reads its block front to back (with N
+// contiguous, each of a block's 64-byte loads would touch a new 4 KiB page):
+//   low_plane  int32 [N/16, K/16, 16]: lane r of word [b][w] holds the low two bits of the codes
+//              k = 16w .. 16w+15 of output row n = 16b + r, code i = k%16 = 2j + p at bit 16p + 2j
+//   high_plane int32 [N/16, K/32, 16], 3-bit only (else absent): the codes' third bits,
+//              c = k%32 = 16h + 2j + p at bit 16p + 8h + j of word [b][k/32]
+//   scales     fp32  [N/16, K/G, 16]: scales[b][g][r] scales group g of output row 16b + r
+// Even and odd codes sit in the two 16-bit halves of a word so that one 16-bit shift puts a pair
+// (k, k+1) in the low bits of both halves (the bf16 pair a dot-product instruction takes) and one
+// 32-bit shift any single code in the low bits. The unsigned code u = code + 2^(bits-1);
+// weight[n][k] = scale * (u - 2^(bits-1)).
 //
 // One SIMD lane is one output row (16 per AVX-512 register, 8 per AVX2 register). Shifting the
 // rows' plane words puts one code in each lane's low bits, and one permute turns those bits into
 // the grid level through a small table that repeats with the code's period (no masking for
 // 2-bit codes; 3-bit codes take their third bit from the high plane with one bitwise select).
-// * fp32 path (any activation dtype; AVX-512F or AVX2+FMA): 32-bit lanes, one code per lane per
-//   step, FMA with x[m][k] broadcast. The result equals dequantise-then-matmul in fp32 up to the
-//   order of the additions.
+// * fp32 path (AVX2+FMA; on AVX-512, 3-bit weights with fp32/fp16 activations or without the bf16
+//   instructions; x widened to fp32): 32-bit lanes, one code per lane per step, FMA with x[m][k]
+//   broadcast. The result equals dequantise-then-matmul in fp32 up to the order of the additions.
 // * 2-bit offset path (any activation dtype on AVX-512F, below the AMX row count; the 2-bit
 //   default there): the code's bits placed in the mantissa of 1.0f make the float 1 + u * 2^-e
 //   with one bitwise instruction, x comes prescaled by 2^e and each group's sum corrected by a
 //   per-row constant (gemm_block_512's OFFSET: faster, a little less precise).
-// * bf16 path (bf16 activations on AVX-512 BF16 CPUs): a 16-bit shift puts the pairs (k, k+1) and
-//   (k+2, k+3) of each row in the low bits of the two halves of its lane, a 16-bit permute per pair
-//   makes them bf16 levels (exact; its table reads the pair's bits where they are, so one shift
-//   serves two pairs), and one dot-product instruction (vdpbf16ps) accumulates both products of a
-//   pair in fp32: twice the weights per instruction.
+// * bf16 path (3-bit weights with bf16 activations on AVX-512 BF16 CPUs, below the AMX row count):
+//   a 16-bit shift puts the pairs (k, k+1) and (k+2, k+3) of each row in the low bits of the two
+//   halves of its lane, a 16-bit permute per pair makes them bf16 levels (exact; its table reads
+//   the pair's bits where they are, so one shift serves two pairs), and one dot-product
+//   instruction (vdpbf16ps) accumulates both products of a pair in fp32: twice the weights per
+//   instruction.
 // * AMX path (bf16 activations, 3 rows or more, CPUs with AMX tiles): the same unpacking, stored
 //   as a 16 x 32 bf16 weight tile per 32 inputs, and one tile multiply (tdpbf16ps) for up to 16
 //   rows: the unpacking is paid once per weight instead of once per four rows. Beyond 16 rows,
@@ -31,11 +47,11 @@
 //   (the numbers of lowbit_dense_mm's rebuilt weight), and multiplied by every 32 rows (then 16)
 //   two blocks at a time, the bf16 results written straight from the tiles: prefill included.
 // Sums run per group in several independent accumulators (FMA latency), then are scaled by the
-// 16 rows' scales into the total.
+// 16 output rows' scales into the total.
 //
 // ISA: chosen per call from the CPU (GSQ_VLLM_CPU_ISA=avx2 forces the AVX2 path, =avx512 the
-// AVX-512F fp32 path without the bf16 instructions, =avx512-bf16 the bf16 path without AMX; for tests); the Python side refuses CPUs
-// with neither AVX-512F nor AVX2+FMA.
+// AVX-512F fp32 path without the bf16 instructions, =avx512-bf16 the bf16 path without AMX, =none
+// no path at all; for tests); the Python side refuses CPUs with neither AVX-512F nor AVX2+FMA.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -123,7 +139,7 @@ constexpr int high_bit(int h, int s) { return 16 * (s % 2) + 8 * h + s / 2; }
 // Rows of x per pass over a block of the weight (AVX2 has 16 registers, AVX-512 32), and
 // independent accumulators per row: 8 in all, enough to hide the FMA latency.
 // AVX2 by width: a 3-bit code costs seven instructions to decode, which 8 rows share (AVX2 cap,
-// 8 rows of 1536^2: 0.33 ms with 4 rows a pass, 0.29 ms with 8); at 2 bits 8 rows ran 3-5% slower
+// 8 rows of 1536^2: 0.33 ms with 4 rows a pass, 0.29 ms with 8); at 2 bits 8 rows are 3-5% slower
 // than 4 (registers run out).
 constexpr int kRows512 = 4;
 constexpr int kRows256 = 8;  // the most rows_256 gives
@@ -180,7 +196,8 @@ GSQ_INLINE __m512 levels_512(__m512i low, __m512i high, __m512 table) {
 // outputs one unit off the exact product's rounding; exactly representable inputs stay exact).
 // Why: on Sapphire Rapids-class cores vdpbf16ps issues once per two cycles and the fp32 FMA
 // twice per cycle, so FMAs fed by one bitwise instruction per 16 weights beat both the bf16 path
-// and the table path below the tiles' row count (8192^2, 2 cores, one row: 1.06 -> 0.80 ms).
+// and the table path below the tiles' row count (8192^2, 2 cores, one row: 0.80 ms vs 1.06 ms on
+// the bf16 path).
 constexpr int offset_view(int s) { return low_shift(s) / 8; }  // code bits 0-6, 8-14, 16-22, 24-30
 constexpr int kOffsetViewShift[4] = {15, 7, -1, -9};               // left shift of each view (< 0: right)
 constexpr int offset_bit(int s) { return low_shift(s) + kOffsetViewShift[offset_view(s)]; }
@@ -347,7 +364,7 @@ void gemm_block_bf16(const uint16_t* x, int64_t ldx, int64_t K, const int32_t* l
       for (int c = 0; c < CH; ++c) sum[r][c] = _mm512_setzero_ps();
     for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
       const __m512i hiword = BITS == 3 ? _mm512_loadu_si512(high + (k / 32) * 16) : _mm512_setzero_si512();
-      // the codes 1 KiB ahead (8192^2, 2 cores: 1.08 -> 0.97 ms at 2 bits, 1.38 -> 1.24 ms at 3)
+      // the codes 1 KiB ahead (8192^2, 2 cores, 3-bit: 1.24 ms vs 1.38 ms without the prefetch)
       _mm_prefetch(reinterpret_cast<const char*>(low + (k / 16 + kPrefetchWords) * 16), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(low + (k / 16 + kPrefetchWords + 1) * 16), _MM_HINT_T0);
       if (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(high + (k / 32 + kPrefetchWords / 2) * 16), _MM_HINT_T0);

@@ -2,27 +2,38 @@
 
 The int4 container (PyTorch's or vLLM's 4-bit CPU GEMM) widens every 2/3-bit code to 4 bits, so a
 2-bit layer moves as many bytes as a 4-bit one. These kernels (C++, ``cpu_lowbit.cpp`` beside this
-file; AVX-512 BF16, AVX-512F or AVX2+FMA chosen per call) read bit planes like the Triton kernels'
-in their own slot order (:func:`gsq_vllm.kernels.planes.pack_kernel_planes` with
-``layout="cpu"``, stored in blocks of 16 output rows): 2 bits per weight at 2 bits, 3 at 3 bits.
+file; AMX, AVX-512 BF16, AVX-512F or AVX2+FMA chosen per call) keep 2 bits per weight at 2 bits
+and 3 at 3 bits. :func:`prepare` builds what they take (:class:`CPUPackedWeight`) from signed codes
+``[N, K]`` and scales ``[N, K / group_size]``: the ``cpu`` plane layout of
+:mod:`gsq_vllm.kernels.planes` (:func:`~gsq_vllm.kernels.planes.pack_kernel_planes` with
+``layout="cpu"``), cut into blocks of 16 output rows (:func:`~gsq_vllm.kernels.planes.block_rows`)
+so that one thread reads its block's words front to back:
 
-* ``torch.ops.gsq_cpu.lowbit_mm(x [M, K], low, high, scales, bits, G) -> [M, N]``:
-  fp32 accumulation, for decode-sized M. 2-bit weights on AVX-512 read each code as a float
-  through its bits (one instruction per 16 weights; an fp32 rounding error about 2^8 times the
-  plain path's, far below bf16's); from 3 rows on AMX CPUs multiply bf16 tiles; 3-bit weights with
-  bf16 activations use the bf16 dot-product instruction; every other case widens x to fp32.
-* ``torch.ops.gsq_cpu.lowbit_dense_mm(x, low, high, scales, bits, G) -> [M, N]``: for large M
-  (prefill): the weight rebuilt in one pass into a scratch buffer the op keeps, then PyTorch's
-  dense GEMM (bf16 x on a CPU with AVX-512 BF16: a bf16 GEMM; otherwise fp32, since PyTorch's bf16
-  GEMM without those instructions is far slower than its fp32 one).
-* ``torch.ops.gsq_cpu.lowbit_dequantize_t(low, high, scales, bits, G, dtype) -> [K, N]``: the
-  weight, transposed, fp32 or bf16 (tests, inspection).
+* ``low_plane``  int32 ``[N / 16, K / 16, 16]``: each code's two low bits, 16 codes a word;
+* ``high_plane`` int32 ``[N / 16, K / 32, 16]``, 3-bit only: each code's third bit, 32 a word;
+* ``scales``     fp32  ``[N / 16, K / group_size, 16]``.
 
-Both are registered torch ops with fake implementations, so a compiled vLLM graph keeps them as
-single nodes. The extension is compiled once per machine with PyTorch's C++ extension builder
-(``scripts/setup.sh`` does it; otherwise the first use does, in about a minute), cached under
-``$TORCH_EXTENSIONS_DIR``. :func:`unavailable_reason` says why it cannot be used (no compiler,
-neither AVX-512F nor AVX2) instead of failing later.
+N must be a multiple of 16, ``group_size`` one of 32, 64, 128 dividing K (:func:`shape_problem`).
+The ops, registered as ``torch.ops.gsq_cpu.*``:
+
+* ``lowbit_mm(x [M, K], low, high, scales, bits, G) -> [M, N]`` in ``x.dtype`` (fp32, bf16 or
+  fp16), fp32 accumulation, for decode-sized M. With bf16 x, 3 rows or more on AMX CPUs go through
+  bf16 tile multiplies; otherwise 2-bit weights on AVX-512 read each code as a float through its
+  bits (one instruction per 16 weights; an fp32 rounding error about 2^8 times the plain path's,
+  far below bf16's), 3-bit weights with bf16 x on AVX-512 BF16 use the bf16 dot-product
+  instruction, and every other case widens x to fp32.
+* ``lowbit_dense_mm(x, low, high, scales, bits, G) -> [M, N]``: for large M (prefill): the weight
+  rebuilt in one pass into a scratch buffer the op keeps, then PyTorch's dense GEMM (bf16 x on a
+  CPU with AVX-512 BF16: a bf16 GEMM; otherwise fp32, since PyTorch's bf16 GEMM without those
+  instructions is far slower than its fp32 one).
+* ``lowbit_dequantize_t(low, high, scales, bits, G, dtype) -> [K, N]``: the weight, transposed,
+  fp32 or bf16 (tests, inspection).
+
+All three have fake implementations, so a compiled vLLM graph keeps each as a single node. The
+extension is compiled once per machine with PyTorch's C++ extension builder (``scripts/setup.sh``
+does it; otherwise the first use does, in about a minute), cached under ``$TORCH_EXTENSIONS_DIR``.
+:func:`unavailable_reason` says why it cannot be used (no compiler, neither AVX-512F nor AVX2)
+instead of failing later.
 
 The torch reference beside it is :func:`gsq_vllm.kernels.reference.reference_matmul`.
 """
@@ -125,7 +136,7 @@ class CPUPackedWeight:
 
 
 def prepare(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> CPUPackedWeight:
-    """Signed codes ``[N, K]`` and scales ``[N, K / group_size]`` -> the kernels' planes."""
+    """Signed codes ``[N, K]`` and scales ``[N, K / group_size]`` -> the kernels' blocked layout."""
     n, k = codes.shape
     problem = shape_problem(n, k, bits, group_size)
     if problem:
@@ -136,7 +147,7 @@ def prepare(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: in
 
 
 def lowbit_mm(x: torch.Tensor, weight: CPUPackedWeight) -> torch.Tensor:
-    """``x [M, K] @ weight.T`` in fp32 arithmetic, returned in ``x.dtype``."""
+    """``x [M, K] @ weight.T`` with fp32 accumulation, returned in ``x.dtype``."""
     _require()
     return torch.ops.gsq_cpu.lowbit_mm(x, weight.low_plane, weight.high_plane, weight.scales, weight.bits, weight.group_size)
 

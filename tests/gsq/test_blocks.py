@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from gsq_vllm.gsq.blocks import BlockInputs, linears_with_weights  # noqa: E402
-from gsq_vllm.testing import build_tiny_llama  # noqa: E402
+from tests.tiny_llama import build_tiny_llama  # noqa: E402
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -167,3 +167,17 @@ def compare_greedy(served: list[list[int]], reference) -> list[str]:
         if len(got) != len(expected):
             problems.append(f"prompt {index}: {len(got)} tokens, expected {len(expected)}")
     return problems
+
+
+def gsq_config(bits: int, version: str = "0.19.0", **weights):
+    from gsq_vllm.serving.config import GSQQuantizationConfig
+
+    return GSQQuantizationConfig.from_config({**quant_config(bits, **weights), "version": version})
+
+
+def layer_config(k: int, n: int, bits: int, group: int = GROUP, act=torch.bfloat16):
+    from vllm.model_executor.kernels.linear import MPLinearLayerConfig
+
+    from gsq_vllm.serving.scheme import GSQ_SCALAR_TYPES
+
+    return MPLinearLayerConfig((k, n), (k, n), GSQ_SCALAR_TYPES[bits], act, group, False)

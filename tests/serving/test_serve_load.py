@@ -18,8 +18,8 @@ pytest.importorskip("vllm")
 from serving_support import TIE_MARGIN, get_checkpoint  # noqa: E402
 
 from gsq_vllm.data import resolve_text  # noqa: E402
-from gsq_vllm.serving.load import build_requests, greedy_alone, run_burst, summarize  # noqa: E402
-from gsq_vllm.serving.server import VLLMServer  # noqa: E402
+from harness.load import build_requests, greedy_alone, run_burst, summarize  # noqa: E402
+from harness.server import VLLMServer  # noqa: E402
 
 CONCURRENCY = 64
 FP32_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]

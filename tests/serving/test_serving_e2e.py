@@ -31,7 +31,7 @@ from serving_support import (  # noqa: E402
 
 from gsq_vllm.checkpoint import inspect_checkpoint  # noqa: E402
 from gsq_vllm.packing import PackLayout  # noqa: E402
-from gsq_vllm.serving.server import VLLMServer  # noqa: E402
+from harness.server import VLLMServer  # noqa: E402
 
 FP32_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]
 _served: dict[str, list[list[int]]] = {}

@@ -51,9 +51,10 @@ def test_registration_under_033():
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
 
     import gsq_vllm.serving as serving
+    from gsq_vllm.serving import vllm_compat
     from gsq_vllm.serving.config import GSQQuantizationConfig
 
-    serving._check_version(serving.vllm_version())
+    vllm_compat.check_supported_version(vllm_compat.vllm_version())
     serving.register()
     serving.register()
     assert QUANTIZATION_METHODS.count("gsq") == 1

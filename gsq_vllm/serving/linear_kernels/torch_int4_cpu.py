@@ -10,13 +10,13 @@ Weights take 4 bits in memory. Unlike vLLM's CPU WNA16 op (built only for AVX-51
 kernel is part of every x86/Arm PyTorch build, and it is a single traceable aten op.
 
 The op's cost grows with every row it multiplies (it is a GEMV per row, not a blocked GEMM): on a
-2-core AVX-512 machine a 1536 x 576 layer took 1.5 s for 1024 fp32 rows against 80 ms dequantised +
-dense, and in bf16 19 ms against 1.7 ms. So from ``DENSE_FROM_ROWS`` rows on (prefill, large
-batches) the layer's weight is dequantised on the fly from the same int4 pack (whose layout depends
-on the CPU; the one in use is found at load time by reading the codes back), for this call only,
-and multiplied with PyTorch's dense GEMM (oneDNN): no second resident copy. Before this, one fp32
-step of a 64-request burst (prefills of up to 905 tokens) outlasted vLLM's 5-minute step timeout
-and the engine died.
+2-core AVX-512 machine a 1536 x 576 layer takes 1.5 s for 1024 fp32 rows against 80 ms dequantised +
+dense, and in bf16 19 ms against 1.7 ms; at that rate one fp32 step of a 64-request burst (prefills
+of up to 905 tokens) outlasts vLLM's 5-minute step timeout, which kills the engine. So from
+``DENSE_FROM_ROWS`` rows on (prefill, large batches) the layer's weight is dequantised on the fly
+from the same int4 pack (whose layout depends on the CPU; the one in use is found at load time by
+reading the codes back), for this call only, and multiplied with PyTorch's dense GEMM (oneDNN): no
+second resident copy.
 """
 
 from __future__ import annotations
