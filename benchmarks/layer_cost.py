@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import resource
 import subprocess
