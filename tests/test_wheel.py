@@ -78,6 +78,9 @@ def test_wheel_with_its_dependencies_beside_the_pinned_serving_stack_registers_t
     changed = set(after.splitlines()) - set(before.splitlines())
     assert all(line.startswith("gsq-vllm") or line.startswith("gsq_vllm") for line in changed), (
         f"installing the wheel changed the pinned serving stack: {sorted(changed)}")
+    # as scripts/setup.sh does (and the README tells pip users): PyPI's torchvision does not load beside
+    # the CPU torch on local disk, and vLLM's imports fail with it
+    run(python, "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec", cwd=tmp_path)
     registered = run(python, "-c", "from vllm.plugins import load_general_plugins; load_general_plugins(); "
                      "from gsq_vllm.serving import is_registered; print(is_registered())", cwd=tmp_path).stdout
     assert registered.strip().splitlines()[-1] == "True"
@@ -100,8 +103,13 @@ def test_pip_user_prepares_the_data_and_quantizes_with_no_checkout(tmp_path):
     cache = work / ".cache" / "gsq-vllm"  # ~/.cache/gsq-vllm outside a checkout
     assert (cache / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
     assert (cache / "text" / "wiki_calibration.txt").is_file()
+    recipe = work / "small.yaml"  # the default recipe, its budgets cut to what a test can spend
+    recipe.write_text("quant_stage:\n  quant_modifiers:\n    GSQModifier:\n      targets: [Linear]\n      ignore: [lm_head]\n"
+                      "      steps: 1\n      tokens_per_step: 256\n      config_groups:\n        group_0:\n"
+                      "          targets: [Linear]\n          weights: {num_bits: 3, type: int, symmetric: true, "
+                      "strategy: group, group_size: 64}\n    GSQEndToEndModifier:\n      steps: 2\n      sequences: 8\n")
     quantized = subprocess.run(
-        [cli, "quantize", "--no-eval", "--steps", "1", "--calibration-samples", "16", "--calibration-seq-len", "128",
+        [cli, "quantize", "--no-eval", "--recipe", recipe, "--calibration-samples", "16", "--calibration-seq-len", "128",
          "--output", work / "out"], cwd=work, env=environment, capture_output=True, text=True, timeout=1800)
     assert quantized.returncode == 0, quantized.stderr[-3000:]
     assert (work / "out" / "model.safetensors").is_file()
