@@ -58,7 +58,8 @@ def quantize(
     """Run a recipe through llmcompressor's ``oneshot`` and save a compressed checkpoint.
 
     Calibration is ``calibration_samples`` windows of ``calibration_seq_len`` tokens of
-    ``calibration_text``, or ``dataset`` (a ready ``datasets.Dataset`` of ``input_ids``) if given.
+    ``calibration_text``, or ``dataset`` (a ready ``datasets.Dataset`` of ``input_ids``, used whole)
+    if given. Under ``torchrun`` each rank calibrates on its own slice of those sequences.
     ``seed`` seeds torch's global generator, which llmcompressor shuffles the calibration samples
     with (GSQ's own noise has its recipe seed): the same inputs, recipe and seed on the same machine
     and thread count give a bit-identical checkpoint.
@@ -96,6 +97,7 @@ def quantize(
         if resume_dir is not None:
             recipe = copy.deepcopy(recipe)
             set_modifier_options(recipe, "GSQModifier", resume_dir=str(resume_dir))
+        shard = rank_shard(dataset)
         # under torchrun llmcompressor loads the model itself, from its folder, on every rank
         model = str(model_dir) if in_torchrun else AutoModelForCausalLM.from_pretrained(str(model_dir),
                                                                                       dtype=torch.float32)
@@ -104,8 +106,8 @@ def quantize(
         with PeakMemory() as memory:
             try:
                 model = oneshot(
-                    model=model, precision="float32", dataset=dataset, recipe=yaml.safe_dump(recipe, sort_keys=False),
-                    processor=tokenizer, max_seq_length=calibration_seq_len, num_calibration_samples=calibration_samples,
+                    model=model, precision="float32", dataset=shard, recipe=yaml.safe_dump(recipe, sort_keys=False),
+                    processor=tokenizer, max_seq_length=calibration_seq_len, num_calibration_samples=len(shard),
                     output_dir=str(tmp_dir), save_compressed=True,
                 )
             except Exception as error:
@@ -158,6 +160,26 @@ def join_torchrun() -> bool:
         else:
             dist.init_process_group("gloo")
     return True
+
+
+def rank_shard(dataset):
+    """This rank's share of the calibration sequences under torchrun: a contiguous slice, the
+    split of llmcompressor's ``get_rank_partition`` (the whole dataset in one process).
+
+    Why not let llmcompressor split a dataset every rank holds: 0.14 partitions it only to size its
+    sampler, whose indices then run over the whole dataset with the same seed on every rank, so
+    every rank calibrated on the same half of the sequences (the 2-rank test in
+    ``tests/test_distributed.py`` compares the union of the shards with one process). Its own
+    examples give each rank its slice; so does this.
+    """
+    size, index = distributed.world_size(), distributed.rank()
+    if size == 1:
+        return dataset
+    if len(dataset) < size:
+        raise ValueError(f"{len(dataset)} calibration sequences cannot be shared among {size} ranks; "
+                         "use at least one per rank")
+    start, end = len(dataset) * index // size, len(dataset) * (index + 1) // size
+    return dataset.select(range(start, end))
 
 
 def _open_resume(recipe: dict, model_dir, dataset, seed: int, output_dir: Path, fresh: bool) -> Path | None:

@@ -29,10 +29,26 @@ with open(f"{report}.{os.environ.get('RANK', '0')}", "w") as handle:
     json.dump(result.report, handle)
 """
 
-END_TO_END = """    GSQEndToEndModifier:
+# every step sees every sequence and nothing is held out: two ranks with half the sequences each
+# then optimise the same objective as one process with all of them, so the figures must agree
+EQUIVALENT = """
+quant_stage:
+  quant_modifiers:
+    GSQModifier:
+      ignore: [lm_head]
+      steps: 20
+      tokens_per_step: 2048
+      holdout: 0
+      fused: false
+      config_groups:
+        group_0:
+          targets: [Linear]
+          weights: {num_bits: 3, type: int, symmetric: true, strategy: group, group_size: 32}
+    GSQEndToEndModifier:
       steps: 4
       sequences: 16
-      sequences_per_step: 4
+      sequences_per_step: 16
+      holdout: 0
 """
 
 
@@ -56,23 +72,32 @@ def test_two_ranks_write_one_checkpoint_with_the_codes_every_rank_chose(tiny_mod
     from safetensors.torch import load_file
 
     recipe = tmp_path / "gsq.yaml"
-    recipe.write_text(gsq_recipe(3, steps=20, extra="      fused: false\n") + END_TO_END)
+    recipe.write_text(EQUIVALENT)
     out, reports = _launch(tmp_path, tiny_model_dir, recipe, "two", ranks=2)
     first, second = reports
     assert [row["codes_sha1"] for row in first if "codes_sha1" in row] == \
         [row["codes_sha1"] for row in second if "codes_sha1" in row]
     blocks = [row for row in first if row.get("objective") == "block"]
-    assert len(blocks) == 2 and all(row["final"] <= row["initial"] for row in blocks)
+    assert len(blocks) == 2 and all(row["final"] < row["initial"] for row in blocks)
     assert [row["final_kl"] for row in first if row["name"] == "end_to_end"] == \
         [row["final_kl"] for row in second if row["name"] == "end_to_end"]
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".two")) == []  # no leftovers
     written = load_file(str(out / "model.safetensors"))
     assert any(key.endswith("weight_packed") for key in written)
 
-    # one process on the same 16 sequences: the same objective, so a close result
-    single, (alone,) = _launch(tmp_path, tiny_model_dir, recipe, "one", ranks=1)
-    split = {row["name"]: row["final"] for row in first if row.get("objective") == "block"}
-    whole = {row["name"]: row["final"] for row in alone if row.get("objective") == "block"}
-    assert split.keys() == whole.keys()
-    for name in split:
-        assert split[name] < 1.25 * whole[name], (name, split[name], whole[name])
+    # one process on the same 16 sequences, the same objective: the same figures up to rounding
+    # order (when both ranks calibrated on the same half, the first block's start already differed)
+    _, (alone,) = _launch(tmp_path, tiny_model_dir, recipe, "one", ranks=1)
+    rows = {row["name"]: row for row in first}
+    assert rows.keys() == {row["name"] for row in alone}
+    for row in alone:
+        split = rows[row["name"]]
+        if row["name"] == "end_to_end":
+            assert split["initial_kl"] == pytest.approx(row["initial_kl"], rel=2e-3)
+            assert split["final_kl"] == pytest.approx(row["final_kl"], rel=0.05)  # Adam: summation order
+        else:
+            # the first block's start is GPTQ on the same Hessian; later ones see inputs that
+            # rounding in the blocks before them moved a little
+            rel = 1e-4 if row is alone[0] else 2e-3
+            assert split["initial"] == pytest.approx(row["initial"], rel=rel), row["name"]
+            assert split["final"] == pytest.approx(row["final"], rel=0.02), row["name"]
