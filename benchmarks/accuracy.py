@@ -43,10 +43,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "cache"
 # every source file on the quantize -> checkpoint -> evaluate path of every row (not the command line,
 # the serving plugin or the kernels, and not this script's tables): editing one recomputes every row
-SOURCES = ["gsq_vllm/quantize.py", "gsq_vllm/data.py", "gsq_vllm/files.py", "gsq_vllm/checkpoint.py",
+SOURCES = ["gsq_vllm/compress/quantize.py", "gsq_vllm/data.py", "gsq_vllm/files.py", "gsq_vllm/checkpoint.py",
            "gsq_vllm/evaluation.py", "gsq_vllm/packing.py", "gsq_vllm/weight_format.py", "gsq_vllm/recipes/__init__.py"]
 # GSQ's own modules: only GSQ rows run them, so editing them recomputes only those rows
-GSQ_SOURCES = ["gsq_vllm/gsq/*.py", "gsq_vllm/modifier.py", "gsq_vllm/end_to_end.py"]
+GSQ_SOURCES = ["gsq_vllm/gsq/*.py", "gsq_vllm/compress/gsq_modifier.py", "gsq_vllm/compress/end_to_end_modifier.py"]
 LIBRARIES = ["torch", "transformers", "compressed-tensors", "llmcompressor", "auto-round"]
 
 
@@ -212,7 +212,7 @@ def run_one(name: str, settings: dict, recipe: dict | None, out_file: Path) -> N
     from gsq_vllm import data
     from gsq_vllm.checkpoint import load_causal_lm
     from gsq_vllm.evaluation import evaluate
-    from gsq_vllm.quantize import model_fingerprint
+    from gsq_vllm.compress.quantize import model_fingerprint
 
     spec = ALL[name]
     model_dir = data.default_model_dir()
@@ -225,7 +225,7 @@ def run_one(name: str, settings: dict, recipe: dict | None, out_file: Path) -> N
     if spec.method == "fp":
         candidate_dir = model_dir
     else:
-        from gsq_vllm.quantize import quantize
+        from gsq_vllm.compress.quantize import quantize
 
         candidate_dir = data.cache_dir() / "checkpoints" / f"bench-{name}"
         result = quantize(model_dir, recipe, candidate_dir, calibration_samples=calibration["samples"],

@@ -262,7 +262,7 @@ def measure_method(spec: dict) -> dict:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
-    import gsq_vllm.modifier as gsq_modifier
+    import gsq_vllm.compress.gsq_modifier as gsq_modifier
     from gsq_vllm.peak_memory import PeakMemory
 
     method, shape = spec["method"], SHAPES[spec["shape"]] if isinstance(spec["shape"], str) else spec["shape"]

@@ -14,12 +14,8 @@ __all__ = ["GSQModifier", "GSQEndToEndModifier", "__version__"]
 
 
 def __getattr__(name: str):
-    if name == "GSQModifier":
-        from gsq_vllm.modifier import GSQModifier
+    if name in ("GSQModifier", "GSQEndToEndModifier"):
+        from gsq_vllm import compress  # imports llmcompressor and registers both modifiers
 
-        return GSQModifier
-    if name == "GSQEndToEndModifier":
-        from gsq_vllm.end_to_end import GSQEndToEndModifier
-
-        return GSQEndToEndModifier
+        return getattr(compress, name)
     raise AttributeError(f"module 'gsq_vllm' has no attribute {name!r}")

@@ -57,7 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from gsq_vllm.evaluation import evaluate_models, format_table
-    from gsq_vllm.quantize import quantize
+    from gsq_vllm.compress.quantize import quantize
     from gsq_vllm.recipes import edit_recipe, load_recipe, recipe_summary
 
     model = Path(args.model or _default_model())
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
-        from gsq_vllm.serving.cli import serve
+        from gsq_vllm.serving.serve_command import serve
 
         return serve(argv[1:])
     parser = build_parser()
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             outcome = f"the checkpoint {args.written} is complete; its evaluation did not finish"
         elif getattr(args, "output", None):
             outcome = f"nothing was written to {args.output} (its temporary folder was removed)"
-            from gsq_vllm.resume import resume_dir_for
+            from gsq_vllm.compress.resume import resume_dir_for
 
             kept = resume_dir_for(args.output)
             if any(kept.glob("*.pt")):

@@ -81,7 +81,7 @@ def quantize(kind: str, model_dir: Path, out: Path) -> None:
             recipe = AutoRoundModifier(config_groups=_scheme(3), ignore=["lm_head"], iters=10, batch_size=8,
                                        enable_torch_compile=False)
         else:
-            from gsq_vllm.modifier import GSQModifier
+            from gsq_vllm.compress.gsq_modifier import GSQModifier
 
             recipe = GSQModifier(config_groups=_scheme(3), ignore=["lm_head"], steps=3, tokens_per_step=512,
                                  fused=False)  # no torch.compile warm-up for a 3-step run

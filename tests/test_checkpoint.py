@@ -62,7 +62,7 @@ def test_old_3bit_layout_loads_to_the_same_model(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from gsq_vllm.packing import PackLayout, unpack_codes
-    from gsq_vllm.quantize import quantize
+    from gsq_vllm.compress.quantize import quantize
 
     recipe = yaml.safe_load(open("recipes/rtn_w3a16_g64.yaml"))
     dense = quantize(tiny_model_dir, recipe, tmp_path / "dense").output_dir

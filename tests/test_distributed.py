@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HAS_LLMCOMPRESSOR, gsq_recipe
+from tests.conftest import HAS_LLMCOMPRESSOR
 
 pytestmark = pytest.mark.skipif(not HAS_LLMCOMPRESSOR, reason="llmcompressor is not installed")
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not HAS_LLMCOMPRESSOR, reason="llmcompressor is 
 RANK_SCRIPT = """
 import json, os, sys, yaml
 import torch
-from gsq_vllm.quantize import quantize
+from gsq_vllm.compress.quantize import quantize
 from tests.conftest import tiny_calibration
 
 model, recipe, out, report = sys.argv[1:5]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ pytestmark = pytest.mark.skipif(not HAS_LLMCOMPRESSOR, reason="llmcompressor is 
 
 
 def run(model_dir, recipe: str, output_dir, samples: int = 16, seq_len: int = 128, overwrite: bool = False):
-    from gsq_vllm.quantize import quantize
+    from gsq_vllm.compress.quantize import quantize
 
     return quantize(model_dir, yaml.safe_load(recipe), output_dir, calibration_samples=samples,
                     calibration_seq_len=seq_len, overwrite=overwrite, dataset=tiny_calibration(samples, seq_len))
@@ -38,7 +40,7 @@ def checkpoint_codes(path):
 
 
 def test_recipe_runs_and_checkpoint_holds_exactly_gsq_codes(gsq2):
-    from gsq_vllm.modifier import codes_digest
+    from gsq_vllm.compress.gsq_modifier import codes_digest
 
     info, codes = checkpoint_codes(gsq2.output_dir)
     config = json.loads((gsq2.output_dir / "config.json").read_text())["quantization_config"]
@@ -157,7 +159,7 @@ def test_block_targets_come_from_the_full_precision_model(tiny_model_dir, tmp_pa
     quantized`` towards the original weights applied to the already-quantized first layer's output."""
     from transformers import AutoModelForCausalLM
 
-    import gsq_vllm.modifier as modifier_module
+    import gsq_vllm.compress.gsq_modifier as modifier_module
 
     seen: dict[str, list[torch.Tensor]] = {}
     real = modifier_module.optimize_block
@@ -199,8 +201,8 @@ def test_runs_without_any_gptq_modifier_state(tiny_model_dir, tmp_path, monkeypa
 
     from llmcompressor.modifiers.gptq.base import GPTQModifier
 
-    import gsq_vllm.modifier as modifier_module
-    from gsq_vllm.modifier import GSQModifier
+    import gsq_vllm.compress.gsq_modifier as modifier_module
+    from gsq_vllm.compress.gsq_modifier import GSQModifier
 
     assert not issubclass(GSQModifier, GPTQModifier)
     private = {name for name in vars(GPTQModifier).get("__private_attributes__", {}) if name.startswith("_")}
@@ -215,3 +217,14 @@ def test_runs_without_any_gptq_modifier_state(tiny_model_dir, tmp_path, monkeypa
     monkeypatch.setattr(GPTQModifier, "__init__", refuse)
     result = run(tiny_model_dir, gsq_recipe(2, steps=2), tmp_path / "out", samples=8, seq_len=32)
     assert (result.output_dir / "model.safetensors").is_file()
+
+
+def test_importing_either_modifier_alone_registers_both_for_yaml_recipes():
+    """The registration lives in one place (``gsq_vllm.compress``), which any import of a modifier runs."""
+    code = ("from gsq_vllm.compress.end_to_end_modifier import GSQEndToEndModifier\n"
+            "from llmcompressor.modifiers.factory import ModifierFactory\n"
+            "print(sorted(type(ModifierFactory.create(name, allow_registered=True, allow_experimental=False)).__name__\n"
+            "             for name in ('GSQModifier', 'GSQEndToEndModifier')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "['GSQEndToEndModifier', 'GSQModifier']"

@@ -71,7 +71,7 @@ def test_same_recipe_and_seed_give_bit_identical_checkpoints(tiny_model_dir, tmp
     import yaml
     from safetensors.torch import load_file
 
-    from gsq_vllm.quantize import quantize
+    from gsq_vllm.compress.quantize import quantize
     from tests.conftest import tiny_calibration
 
     recipe = yaml.safe_load(gsq_recipe(3, steps=20))
@@ -92,7 +92,7 @@ def test_a_run_killed_after_some_layers_resumes_and_writes_the_same_checkpoint(t
     log says so) and writes the bytes an uninterrupted run writes."""
     from safetensors.torch import load_file
 
-    from gsq_vllm.resume import resume_dir_for
+    from gsq_vllm.compress.resume import resume_dir_for
     from tests.tiny_llama import save_tiny_llama
 
     model = save_tiny_llama(tmp_path / "model", num_layers=4)
@@ -136,8 +136,8 @@ def test_a_run_killed_after_some_layers_resumes_and_writes_the_same_checkpoint(t
 def test_saved_layers_of_another_recipe_are_not_resumed(tiny_model_dir, tmp_path):
     import yaml
 
-    from gsq_vllm.quantize import _open_resume, quantize
-    from gsq_vllm.resume import resume_dir_for
+    from gsq_vllm.compress.quantize import _open_resume, quantize
+    from gsq_vllm.compress.resume import resume_dir_for
     from tests.conftest import tiny_calibration
 
     out = tmp_path / "ckpt"

@@ -75,6 +75,14 @@ def _chunks(positions: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, positions)) for start in range(0, positions, size)]
 
 
+def _chunk_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: Head, teacher_head: Head
+              ) -> torch.Tensor:
+    """Mean ``KL(teacher || student)`` over one chunk of positions (no gradient on the teacher's side)."""
+    with torch.no_grad():
+        target = torch.log_softmax(teacher_head(teacher_hidden).float(), dim=-1)
+    return kl_divergence(target, torch.log_softmax(head(student_hidden).float(), dim=-1))
+
+
 def _item_kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: Head, teacher_head: Head,
                  chunk: int) -> torch.Tensor:
     """``KL(teacher || student)`` summed over the positions of one item, a chunk of positions at a
@@ -83,9 +91,8 @@ def _item_kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, hea
     teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     total = torch.zeros((), dtype=torch.float64)
     for part in _chunks(student_hidden.shape[0], chunk):
-        target = torch.log_softmax(teacher_head(teacher_hidden[part]).float(), dim=-1)
-        log_probs = torch.log_softmax(head(student_hidden[part]).float(), dim=-1)
-        total += kl_divergence(target, log_probs).double() * (part.stop - part.start)
+        total += _chunk_kl(student_hidden[part], teacher_hidden[part], head, teacher_head).double() * (
+            part.stop - part.start)
     return total
 
 
@@ -116,14 +123,11 @@ def _accumulate_kl_gradients(
         target_hidden = target_hidden.reshape(-1, target_hidden.shape[-1])
         detached = hidden.detach().requires_grad_(hidden.requires_grad)
         for part in _chunks(hidden.shape[0], chunk):
-            with torch.no_grad():
-                target = torch.log_softmax(teacher_head(target_hidden[part]).float(), dim=-1)
-            log_probs = torch.log_softmax(head(detached[part]).float(), dim=-1)
-            kl_sum = kl_divergence(target, log_probs) * (part.stop - part.start)
+            kl_sum = _chunk_kl(detached[part], target_hidden[part], head, teacher_head) * (part.stop - part.start)
             if kl_sum.requires_grad:
                 kl_sum.backward()
             total += kl_sum.item()
-            del target, log_probs, kl_sum
+            del kl_sum
         if detached.grad is not None:
             hidden.backward(detached.grad)
         positions += hidden.shape[0]

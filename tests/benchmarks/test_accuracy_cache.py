@@ -29,8 +29,8 @@ def _files(accuracy, patterns):
 
 def test_every_result_changing_module_is_in_the_key(accuracy):
     covered = {path.as_posix() for path in _files(accuracy, accuracy.sources_of("gsq3"))}
-    for module in ("gsq_vllm/evaluation.py", "gsq_vllm/data.py", "gsq_vllm/quantize.py", "gsq_vllm/checkpoint.py",
-                   "gsq_vllm/packing.py", "gsq_vllm/modifier.py", "gsq_vllm/end_to_end.py",
+    for module in ("gsq_vllm/evaluation.py", "gsq_vllm/data.py", "gsq_vllm/compress/quantize.py", "gsq_vllm/checkpoint.py",
+                   "gsq_vllm/packing.py", "gsq_vllm/compress/gsq_modifier.py", "gsq_vllm/compress/end_to_end_modifier.py",
                    "gsq_vllm/gsq/optimize.py", "gsq_vllm/weight_format.py"):
         assert module in covered, f"{module} can change a record but is not in the cache key"
 

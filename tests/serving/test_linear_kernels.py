@@ -104,7 +104,7 @@ def test_cpu_lowbit_switches_to_a_rebuilt_dense_weight_at_its_threshold(vllm_tp1
     same planes (no other copy kept) and a dense GEMM; both equal the reference. Without bf16
     instructions bf16 activations take the fp32 threshold (and fp32 GEMMs)."""
     from gsq_vllm.kernels import cpu_lowbit
-    from gsq_vllm.serving.linear_kernels.cpu_lowbit import GSQCPULowbitLinearKernel, dense_from_rows
+    from gsq_vllm.serving.linear_kernels.gsq_cpu import GSQCPULowbitLinearKernel, dense_from_rows
 
     if cpu_lowbit.unavailable_reason():
         pytest.skip(f"native CPU kernels unavailable: {cpu_lowbit.unavailable_reason()}")

@@ -22,7 +22,7 @@ PLUGIN_MODULES = [
     "gsq_vllm.serving",
     "gsq_vllm.serving.config",
     "gsq_vllm.serving.scheme",
-    "gsq_vllm.serving.cli",
+    "gsq_vllm.serving.serve_command",
     "gsq_vllm.serving.linear_kernels",
     "gsq_vllm.serving.linear_kernels.int4_container",
     "gsq_vllm.serving.linear_kernels.cpu_wna16",

@@ -3,7 +3,7 @@
 =============  ===========================================  ======================================
 name           class (file)                                 runs on
 =============  ===========================================  ======================================
-cpu-lowbit     GSQCPULowbitLinearKernel (cpu_lowbit)        CPU: 2/3-bit planes, GSQ's C++ kernels
+cpu-lowbit     GSQCPULowbitLinearKernel (gsq_cpu)           CPU: 2/3-bit planes, GSQ's C++ kernels
 torch-int4     GSQTorchInt4CPULinearKernel (torch_int4_cpu)  CPU: int4 container, PyTorch's GEMM
 cpu-wna16      GSQCPUWNA16LinearKernel (cpu_wna16)          CPU: int4 container, vLLM's WNA16 op
 marlin         GSQMarlinLinearKernel (marlin)               CUDA: int4 container, vLLM's Marlin
@@ -25,7 +25,7 @@ from vllm.platforms import current_platform
 
 from gsq_vllm.serving.claim import KERNEL_ENV
 from gsq_vllm.serving.linear_kernels.base import GSQLinearKernel
-from gsq_vllm.serving.linear_kernels.cpu_lowbit import GSQCPULowbitLinearKernel
+from gsq_vllm.serving.linear_kernels.gsq_cpu import GSQCPULowbitLinearKernel
 from gsq_vllm.serving.linear_kernels.cpu_wna16 import GSQCPUWNA16LinearKernel
 from gsq_vllm.serving.linear_kernels.dequant import GSQDequantLinearKernel
 from gsq_vllm.serving.linear_kernels.marlin import GSQMarlinLinearKernel

@@ -22,11 +22,11 @@ import torch
 import yaml
 
 from gsq_vllm import data
+from gsq_vllm.compress.resume import close_run, open_run, resume_dir_for, tensor_digest
 from gsq_vllm.files import commit_output, prepare_output
 from gsq_vllm.gsq import distributed
 from gsq_vllm.peak_memory import PeakMemory
 from gsq_vllm.recipes import set_modifier_options, uses_modifier
-from gsq_vllm.resume import close_run, open_run, resume_dir_for, tensor_digest
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +65,10 @@ def quantize(
     and thread count give a bit-identical checkpoint.
 
     With ``resume`` (default), GSQ keeps each finished decoder layer beside the output
-    (:mod:`gsq_vllm.resume`): the same call after a killed run continues after its last finished
+    (:mod:`gsq_vllm.compress.resume`): the same call after a killed run continues after its last finished
     layer, and a call with another recipe, model, calibration or seed refuses to (``fresh``
     discards the saved layers instead).
     """
-    import gsq_vllm.modifier  # noqa: F401  (registers GSQModifier and GSQEndToEndModifier with llmcompressor)
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
@@ -214,8 +213,7 @@ def _modifier_report() -> list[dict]:
     """GSQ's per-layer objectives (and the end-to-end stage's, as one row) from the session that just ran."""
     from llmcompressor.core import active_session
 
-    from gsq_vllm.end_to_end import GSQEndToEndModifier
-    from gsq_vllm.modifier import GSQModifier
+    from gsq_vllm.compress import GSQEndToEndModifier, GSQModifier
 
     try:
         modifiers = active_session().lifecycle.recipe.modifiers

@@ -46,11 +46,11 @@ from torch.utils.hooks import RemovableHandle
 
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
-from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
+from gsq_vllm.compress.resume import LayerStore, tensor_digest
 from gsq_vllm.gsq import (
     GSQConfig,
     Grid,
@@ -66,7 +66,6 @@ from gsq_vllm.gsq import (
 from gsq_vllm.gsq import distributed
 from gsq_vllm.gsq.blocks import BlockInputs, linears_with_weights
 from gsq_vllm.peak_memory import release_freed_memory
-from gsq_vllm.resume import LayerStore, tensor_digest
 from gsq_vllm.weight_format import GSQ_BITS
 
 __all__ = ["GSQModifier", "codes_digest"]
@@ -107,7 +106,7 @@ class GSQModifier(Modifier, QuantizationMixin):
     :param cache_dtype: dtype of the cached block inputs and targets (bf16 halves their memory).
     :param fused: ``torch.compile`` the relaxation and optimiser loops (eager when compiling fails).
     :param resume_dir: keep each finished block's codes and scales there, and reuse those computed from
-        the same inputs (set by the quantize job, :mod:`gsq_vllm.resume`).
+        the same inputs (set by the quantize job, :mod:`gsq_vllm.compress.resume`).
     """
 
     requires_calibration_data: bool = True
@@ -348,7 +347,7 @@ class GSQModifier(Modifier, QuantizationMixin):
                         {f"{block_name}.{rel}": result.codes[rel] for rel in members})
         self._finish(block_name, digest, members, result.codes, result.scales, row)
 
-    # -- resuming a killed run (gsq_vllm.resume) ------------------------------------------------
+    # -- resuming a killed run (gsq_vllm.compress.resume) ------------------------------------------------
 
     def _digest(self, tensors: list[torch.Tensor]) -> str | None:
         """What a block's or layer's result is computed from, every rank's shard included (None
@@ -412,11 +411,3 @@ class GSQModifier(Modifier, QuantizationMixin):
         update_offload_parameter(module, "weight_scale", stored_scales.reshape(module.weight_scale.shape))
         if hasattr(module, "weight_zero_point"):
             update_offload_parameter(module, "weight_zero_point", torch.zeros_like(module.weight_zero_point))
-
-
-# YAML recipes find modifiers by name in llmcompressor's factory; importing this module (or
-# ``from gsq_vllm import GSQModifier``) registers both of ours.
-from gsq_vllm.end_to_end import GSQEndToEndModifier  # noqa: E402
-
-ModifierFactory.register("GSQModifier", GSQModifier)
-ModifierFactory.register("GSQEndToEndModifier", GSQEndToEndModifier)
