@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,7 +307,10 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     info = inspect_checkpoint(path)
     foreign = {layer.layout for layer in info.layers.values() if layer.quant.num_bits == 3}
     foreign.discard(installed_compressed_tensors_layout())
-    if not info.is_quantized or not foreign:
+    # transformers would load quantized per-expert weights into nothing and leave the fused
+    # expert tensors randomly initialised, with a warning only
+    experts = any(_EXPERT.search(name) for name in info.layers)
+    if not info.is_quantized or not (foreign or experts):
         model = AutoModelForCausalLM.from_pretrained(str(info.path), dtype=dtype)
         return model.eval()
     return _load_with_own_decompression(info, dtype).eval()
@@ -323,6 +328,13 @@ def dequantize_packed(
     return dequantize(codes, scale).to(dtype)
 
 
+#: a routed expert's Linear as llmcompressor writes it: ``<moe block>.experts.<index>.<projection>``
+_EXPERT = re.compile(r"\.experts\.\d+\.(\w+)$")
+#: per-expert projection names -> those transformers' loader of the architecture turns into its
+#: fused expert tensors (Mixtral's original checkpoints name them w1 / w3 / w2)
+EXPERT_NAMES_FOR_TRANSFORMERS = {"mixtral": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}}
+
+
 def _load_with_own_decompression(info: CheckpointInfo, dtype: torch.dtype) -> torch.nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -330,7 +342,6 @@ def _load_with_own_decompression(info: CheckpointInfo, dtype: torch.dtype) -> to
     config = AutoConfig.from_pretrained(str(info.path))
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(info.path):
         state.update(load_file(str(file)))
@@ -339,10 +350,47 @@ def _load_with_own_decompression(info: CheckpointInfo, dtype: torch.dtype) -> to
             state.pop(name + ".weight_packed"), state.pop(name + ".weight_scale"), layer, dtype
         )
         state.pop(name + ".weight_shape", None)
+    if any(_EXPERT.search(name) for name in info.layers):
+        return _load_experts_through_transformers(info, config, state, dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise CheckpointError(f"{info.path}: weights do not match the config: missing {missing}, unexpected {unexpected}")
     if config.tie_word_embeddings:
         model.tie_weights()
+    return model
+
+
+def _load_experts_through_transformers(info: CheckpointInfo, config, state: dict[str, torch.Tensor],
+                                       dtype: torch.dtype) -> torch.nn.Module:
+    """A mixture-of-experts checkpoint, decompressed: its per-expert weights renamed to the names
+    the architecture's original checkpoints use, written to a temporary folder and loaded from
+    there, so that transformers' own loader builds its fused expert tensors (layout unknown here)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    names = EXPERT_NAMES_FOR_TRANSFORMERS.get(config.model_type)
+    if names is None:
+        raise CheckpointError(f"{info.path}: evaluating a quantized mixture-of-experts checkpoint of model_type "
+                              f"{config.model_type!r} is not supported (supported: "
+                              f"{', '.join(sorted(EXPERT_NAMES_FOR_TRANSFORMERS))})")
+    renamed = {}
+    for key, tensor in state.items():
+        prefix, dot, tail = key.rpartition(".")  # tail: weight
+        match = _EXPERT.search(prefix)
+        if match:
+            if match.group(1) not in names:
+                raise CheckpointError(f"{info.path}: expert layer {prefix}: expected one of {sorted(names)}, "
+                                      f"found {match.group(1)}")
+            prefix = prefix[: match.start(1)] + names[match.group(1)]
+        renamed[prefix + dot + tail] = tensor.contiguous()
+    with tempfile.TemporaryDirectory(prefix=".decompressed-") as folder:
+        config.save_pretrained(folder)
+        save_file(renamed, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+        model, loading = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    missing = [k for k in loading["missing_keys"] if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or loading["unexpected_keys"]:
+        raise CheckpointError(f"{info.path}: decompressed weights do not match the config: missing {missing[:4]}, "
+                              f"unexpected {sorted(loading['unexpected_keys'])[:4]}")
     return model

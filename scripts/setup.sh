@@ -110,6 +110,6 @@ fi
 
 # --- offline inputs -----------------------------------------------------------------------------
 if [ "$WANT_DATA" = 1 ]; then
-  GSQ_VLLM_CACHE="$CACHE" "$ROOT/.venv/bin/python" -m gsq_vllm.prepare_data --cache "$CACHE"
+  GSQ_VLLM_CACHE="$CACHE" "$ROOT/.venv/bin/python" -m gsq_vllm.prepare_data --cache "$CACHE" --moe
 fi
 log "done. Main job: .venv/bin/gsq-vllm quantize    Tests: scripts/test.sh"

@@ -1,0 +1,94 @@
+"""Mixture of experts on the quantize side: the MoE model derived from a dense one, GSQ on its routed
+experts (through llmcompressor's own expert linearisation), and a checkpoint that evaluates with
+its quantized experts (not transformers' silently random ones)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import HAS_LLMCOMPRESSOR, gsq_recipe, tiny_calibration
+
+EXPERTS, TOP_K = 4, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tiny_model_dir, tmp_path_factory):
+    from gsq_vllm.moe_model import build_moe_model
+
+    return build_moe_model(tiny_model_dir, tmp_path_factory.mktemp("moe") / "tiny-moe", experts=EXPERTS, top_k=TOP_K)
+
+
+def _logits(model_dir, ids):
+    from gsq_vllm.checkpoint import load_causal_lm
+
+    with torch.no_grad():
+        return load_causal_lm(model_dir)(ids).logits
+
+
+def test_the_moe_model_computes_the_dense_models_function(tiny_model_dir, tiny_moe):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 250, (2, 48), generator=torch.Generator().manual_seed(0))
+    dense, moe = _logits(tiny_model_dir, ids), _logits(tiny_moe, ids)
+    assert torch.allclose(moe, dense, atol=1e-4, rtol=1e-4), (moe - dense).abs().max()
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_moe))
+    assert model.config.model_type == "mixtral"
+    assert (model.config.num_local_experts, model.config.num_experts_per_tok) == (EXPERTS, TOP_K)
+    block = model.model.layers[0].mlp
+    # every expert is the dense MLP in its own channel order: the same values, other quantization groups
+    down = block.experts.down_proj
+    assert not torch.equal(down[0], down[1])
+    assert torch.equal(down[0].sort(dim=1).values, down[1].sort(dim=1).values)
+    # and the router really splits the tokens: every expert is chosen for some, none for all
+    hidden = model.model.embed_tokens(ids).reshape(-1, model.config.hidden_size)
+    chosen = (hidden @ block.gate.weight.T).topk(TOP_K, dim=-1).indices
+    counts = torch.bincount(chosen.flatten(), minlength=EXPERTS)
+    assert (counts > 0).all() and (counts < hidden.shape[0]).all(), counts
+
+
+def test_a_source_that_is_not_a_dense_llama_is_refused(tiny_moe, tmp_path):
+    from gsq_vllm.moe_model import build_moe_model
+
+    with pytest.raises(ValueError, match="expected a Llama model"):
+        build_moe_model(tiny_moe, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.skipif(not HAS_LLMCOMPRESSOR, reason="llmcompressor is not installed")
+def test_gsq_quantizes_every_routed_expert_and_the_checkpoint_evaluates_with_them(tiny_moe, tmp_path):
+    from safetensors.torch import load_file
+
+    from gsq_vllm.checkpoint import dequantize_packed, inspect_checkpoint, load_causal_lm
+    from gsq_vllm.compress.quantize import quantize
+
+    out = tmp_path / "gsq-moe"
+    result = quantize(tiny_moe, yaml.safe_load(gsq_recipe(3, steps=5)), out, calibration_samples=16,
+                      calibration_seq_len=128, dataset=tiny_calibration(16, 128))
+    # one block per decoder layer: its attention and every expert's projections trained together
+    first = next(row for row in result.report if row["name"] == "model.layers.0")
+    experts = {name.split(".experts.")[1].split(".")[0] for name in first["codes_sha1"] if ".experts." in name}
+    assert experts == {str(e) for e in range(EXPERTS)}
+    assert len(set(first["codes_sha1"].values())) == len(first["codes_sha1"])  # no two experts share codes
+    config = json.loads((out / "config.json").read_text())
+    assert "lm_head" in config["quantization_config"]["ignore"]
+
+    info = inspect_checkpoint(out)
+    name = "model.layers.0.block_sparse_moe.experts.1.down_proj"
+    assert name in info.layers and info.layers[name].quant.num_bits == 3
+    state = load_file(str(out / "model.safetensors"))
+    expected = dequantize_packed(state[name + ".weight_packed"], state[name + ".weight_scale"], info.layers[name])
+
+    model = load_causal_lm(out)  # transformers alone would leave the fused experts random
+    assert torch.equal(model.model.layers[0].mlp.experts.down_proj[1], expected)
+    ids = torch.randint(3, 250, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        quantized = model(ids).logits
+    full = _logits(tiny_moe, ids)
+    quantized_ce = torch.nn.functional.cross_entropy(quantized[0, :-1], ids[0, 1:])
+    full_ce = torch.nn.functional.cross_entropy(full[0, :-1], ids[0, 1:])
+    assert abs(float(quantized_ce - full_ce)) < 0.2, (quantized_ce, full_ce)
