@@ -92,3 +92,23 @@ def test_gsq_quantizes_every_routed_expert_and_the_checkpoint_evaluates_with_the
     quantized_ce = torch.nn.functional.cross_entropy(quantized[0, :-1], ids[0, 1:])
     full_ce = torch.nn.functional.cross_entropy(full[0, :-1], ids[0, 1:])
     assert abs(float(quantized_ce - full_ce)) < 0.2, (quantized_ce, full_ce)
+
+
+@pytest.mark.skipif(not HAS_LLMCOMPRESSOR, reason="llmcompressor is not installed")
+def test_the_moe_recipe_makes_experts_2_bit_attention_4_bit_and_keeps_the_router(tiny_moe, tmp_path):
+    from gsq_vllm.checkpoint import inspect_checkpoint
+    from gsq_vllm.compress.quantize import quantize
+    from gsq_vllm.recipes import load_recipe, set_modifier_options
+
+    recipe = load_recipe("gsq_moe_w2a16_g64")
+    set_modifier_options(recipe, "GSQModifier", steps=3, tokens_per_step=512)
+    set_modifier_options(recipe, "GSQEndToEndModifier", steps=2, sequences=16)
+    result = quantize(tiny_moe, recipe, tmp_path / "moe-w2", calibration_samples=16, calibration_seq_len=128,
+                      dataset=tiny_calibration(16, 128))
+    widths = {name: layer.quant.num_bits for name, layer in inspect_checkpoint(result.output_dir).layers.items()}
+    assert {bits for name, bits in widths.items() if ".experts." in name} == {2}
+    assert {bits for name, bits in widths.items() if ".self_attn." in name} == {4}
+    assert len([name for name in widths if ".experts." in name]) == 2 * EXPERTS * 3  # 2 layers, 3 projections
+    assert not any(name.endswith(".gate") for name in widths)  # the router stays in full precision
+    end_to_end = next(row for row in result.report if row["name"] == "end_to_end")
+    assert end_to_end["layers"] == len(widths)  # the experts' scales are tuned too
