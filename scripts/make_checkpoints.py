@@ -18,6 +18,11 @@ Kinds (all group size 64, symmetric int, weight-only, ``lm_head`` kept in full p
 * ``gsq-made-w3``: GSQModifier itself (a short budget: 3 steps per decoder layer, no end-to-end
   stage), so the serving tests also run a checkpoint that GSQ wrote (signed scales included);
   ``gsq-made-w3-old`` is it in the word-aligned layout.
+* ``gsq-moe-w3``: round-to-nearest 3-bit of the MoE model derived from the default one
+  (:mod:`gsq_vllm.moe_model`): every routed expert and attention projection, router kept.
+* ``gsq-w3-down-g768``: round-to-nearest 3-bit, group 64 except ``down_proj`` in groups of 768
+  columns (in_features 1536): a checkpoint that three tensor-parallel ranks (512 columns each)
+  cannot split without cutting a group.
 
 Usage: ``python tests/serving/make_checkpoints.py KIND OUTPUT_DIR [--model DIR]``.
 Each checkpoint is written to a temporary folder and renamed into place, so a cached folder is
@@ -32,12 +37,13 @@ import shutil
 import sys
 from pathlib import Path
 
-KINDS = ("gsq-w2", "gsq-w3", "gsq-w3-old", "gptq-w4", "mixed-w2-w4", "gsq-made-w3", "gsq-made-w3-old", "autoround-w3")
+KINDS = ("gsq-w2", "gsq-w3", "gsq-w3-old", "gptq-w4", "mixed-w2-w4", "gsq-made-w3", "gsq-made-w3-old", "autoround-w3",
+         "gsq-w3-down-g768", "gsq-moe-w3")
 GROUP_SIZE = 64
 
 
-def _weights(bits: int) -> dict:
-    return {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": GROUP_SIZE}
+def _weights(bits: int, group_size: int = GROUP_SIZE) -> dict:
+    return {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}
 
 
 def _scheme(bits: int) -> dict:
@@ -48,6 +54,12 @@ def _scheme(bits: int) -> dict:
 MIXED_SCHEME = {
     "attention": {"targets": [r"re:.*self_attn\.(q|k|v|o)_proj$"], "weights": _weights(4)},
     "mlp": {"targets": [r"re:.*mlp\.(gate|up|down)_proj$"], "weights": _weights(2)},
+}
+
+#: 3-bit, down_proj in groups of 768 columns: whole at one or two tensor-parallel ranks, split at three
+DOWN_G768_SCHEME = {
+    "rest": {"targets": [r"re:.*(q|k|v|o|gate|up)_proj$"], "weights": _weights(3)},
+    "down": {"targets": [r"re:.*mlp\.down_proj$"], "weights": _weights(3, 768)},
 }
 
 
@@ -97,8 +109,8 @@ def quantize(kind: str, model_dir: Path, out: Path) -> None:
             save_compressed=True,
         )
     else:
-        scheme = MIXED_SCHEME if kind == "mixed-w2-w4" else _scheme(int(kind[-1]))
-        recipe = QuantizationModifier(config_groups=scheme, ignore=["lm_head"])
+        scheme = {"mixed-w2-w4": MIXED_SCHEME, "gsq-w3-down-g768": DOWN_G768_SCHEME}.get(kind) or _scheme(int(kind[-1]))
+        recipe = QuantizationModifier(config_groups=scheme, ignore=["lm_head", r"re:.*\.gate$"])
         oneshot(model=model, recipe=recipe, output_dir=str(out), save_compressed=True)
     tokenizer.save_pretrained(str(out))
 
@@ -128,6 +140,10 @@ def rewrite_word_aligned(source: Path, out: Path) -> None:
 
 
 def make(kind: str, out: Path, model_dir: Path) -> Path:
+    if kind.startswith("gsq-moe"):
+        from gsq_vllm.data import moe_model_dir
+
+        model_dir = moe_model_dir()
     if (out / "config.json").is_file():
         return out
     tmp = out.with_name(out.name + ".tmp")

@@ -101,25 +101,33 @@ class GSQQuantizationConfig(compressed_tensors_config_base()):  # vLLM's Compres
         from vllm.model_executor.layers.fused_moe import RoutedExperts
 
         if isinstance(layer, RoutedExperts):
-            self._check_experts(layer, prefix)
+            method = self._experts_method(layer, prefix)
+            if method is not None:
+                return method
         return super().get_quant_method(layer, prefix)
 
-    def _check_experts(self, layer: torch.nn.Module, prefix: str) -> None:
-        """Fused MoE experts: stock vLLM's MoE path on CUDA, a clear refusal elsewhere."""
+    def _experts_method(self, layer: torch.nn.Module, prefix: str):
+        """Fused MoE experts with GSQ weights: stock vLLM's MoE path on CUDA, GSQ's own CPU method on
+        the CPU, a clear refusal elsewhere; None for experts that are not ours."""
         self.add_fused_moe_schemes()
         proj = getattr(layer, "ckpt_down_proj_name", "down_proj")
         scheme = self.get_scheme_dict(layer, f"{prefix}.0.{proj}") or self.get_scheme_dict(layer, prefix)
         if not scheme:
-            return
+            return None
         weights, inputs = scheme.get("weights"), scheme.get("input_activations")
         if not is_gsq_layer(weights, inputs, scheme.get("format") or self.quant_format):
-            return
+            return None
         if current_platform.is_cuda():
             logger.info("GSQ: %s: %d-bit experts go to stock vLLM's compressed-tensors MoE path", prefix, weights.num_bits)
-            return
+            return None
+        if current_platform.is_cpu():
+            from gsq_vllm.serving.fused_moe import GSQLowbitMoEMethod
+
+            return GSQLowbitMoEMethod(layer.moe_config, weights.num_bits, weights.group_size, prefix,
+                                      layout_hint=getattr(self, "gsq_layout_hint", None))
         raise ValueError(
             f"{prefix}: {weights.num_bits}-bit GSQ mixture-of-experts weights are not supported on this "
-            f"platform ({current_platform.device_name}): the gsq plugin serves dense Linear layers only, "
-            "and stock vLLM has no 2/3-bit fused-MoE kernel here. Quantize the experts with 4 bits "
+            f"platform ({current_platform.device_name}): the gsq plugin serves them on CUDA (stock vLLM) and "
+            "on the CPU (its own kernels). Quantize the experts with 4 bits "
             "(or leave them in the checkpoint's ignore list) to serve this model."
         )

@@ -37,10 +37,33 @@ def test_schemes_gsq_for_2_3_bit_stock_for_4_bit(vllm_tp1):
 
 
 
-def test_moe_experts_refused_with_layer_name(vllm_tp1):
-    from vllm.model_executor.layers.fused_moe import RoutedExperts
+def _routed_experts():
+    from types import SimpleNamespace
 
-    experts = RoutedExperts.__new__(RoutedExperts)  # only its class matters to the scheme lookup
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    experts = RoutedExperts.__new__(RoutedExperts)  # only its class and its MoE config matter here
     torch.nn.Module.__init__(experts)
+    experts.moe_config = SimpleNamespace(
+        activation=MoEActivation.SILU, moe_parallel_config=SimpleNamespace(tp_rank=0, tp_size=1, ep_size=1, use_ep=False))
+    return experts
+
+
+def test_moe_experts_go_to_gsqs_own_cpu_method(vllm_tp1):
+    from gsq_vllm.kernels import cpu_lowbit
+    from gsq_vllm.serving.fused_moe import GSQLowbitMoEMethod
+
+    if cpu_lowbit.unavailable_reason():
+        pytest.skip(f"GSQ's native CPU kernels are not available: {cpu_lowbit.unavailable_reason()}")
+    method = gsq_config(3).get_quant_method(_routed_experts(), "model.layers.2.mlp.experts")
+    assert isinstance(method, GSQLowbitMoEMethod) and (method.num_bits, method.group_size) == (3, 64)
+
+
+def test_moe_experts_refused_with_layer_name_where_no_method_serves_them(vllm_tp1, monkeypatch):
+    from gsq_vllm.serving import config
+
+    monkeypatch.setattr(config.current_platform, "is_cpu", lambda: False)
+    monkeypatch.setattr(config.current_platform, "is_cuda", lambda: False)
     with pytest.raises(ValueError, match=r"model.layers.2.mlp.experts: 3-bit GSQ mixture-of-experts weights are not supported"):
-        gsq_config(3).get_quant_method(experts, "model.layers.2.mlp.experts")
+        gsq_config(3).get_quant_method(_routed_experts(), "model.layers.2.mlp.experts")
