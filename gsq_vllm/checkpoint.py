@@ -272,7 +272,67 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
             quant=quant,
             layout=layout,
         )
+    _check_experts(path, config, shapes, weight_shapes)
     return info
+
+
+#: a routed expert's weight in a checkpoint: ``<moe block>.experts.<index>.<projection>.weight[_packed]``
+_EXPERT_WEIGHT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.(weight|weight_packed)$")
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _check_experts(path: Path, config: dict, shapes: dict[str, list[int]],
+                   weight_shapes: dict[str, tuple[int, int]]) -> None:
+    """Every MoE layer has every expert (the count the config declares), each with the same
+    projections of the same shapes: a missing or odd expert would otherwise load as random weights
+    (transformers) or fail deep inside vLLM's loader."""
+    layers: dict[str, dict[str, dict[int, tuple[int, ...]]]] = {}  # layer -> projection -> expert -> shape
+    for key, shape in shapes.items():
+        match = _EXPERT_WEIGHT.match(key)
+        if match:
+            layer, expert, projection, kind = match.groups()
+            module = key.rpartition(".")[0]
+            logical = weight_shapes.get(module, tuple(shape)) if kind == "weight_packed" else tuple(shape)
+            layers.setdefault(layer, {}).setdefault(projection, {})[int(expert)] = tuple(logical)
+    if not layers:
+        return
+    text_config = config.get("text_config") or {}
+    declared = next((int(c[k]) for c in (config, text_config) for k in _EXPERT_COUNT_KEYS if c.get(k)), None)
+    for layer, projections in sorted(layers.items()):
+        present = sorted(set().union(*projections.values()))
+        count = declared if declared is not None else present[-1] + 1
+        for projection, by_expert in sorted(projections.items()):
+            missing = [e for e in range(count) if e not in by_expert]
+            if missing:
+                raise CheckpointError(
+                    f"{path}: layer {layer}: expert {missing[0]} has no {projection} weight (config.json declares "
+                    f"{count} experts; {projection} found for experts {_ranges(sorted(by_expert))})")
+            extra = [e for e in by_expert if e >= count]
+            if extra:
+                raise CheckpointError(f"{path}: layer {layer}: expert {extra[0]} is beyond the {count} experts "
+                                      "config.json declares")
+            widths: dict[tuple[int, ...], list[int]] = {}
+            for expert, shape in sorted(by_expert.items()):
+                widths.setdefault(shape, []).append(expert)
+            if len(widths) > 1:
+                common = max(widths, key=lambda s: len(widths[s]))
+                odd = next(e for s, experts in widths.items() if s != common for e in experts)
+                raise CheckpointError(
+                    f"{path}: layer {layer}: expert {odd} {projection} has shape {list(by_expert[odd])}, expected "
+                    f"{list(common)} as in experts {_ranges(widths[common])} (every expert of a layer must have "
+                    "the same widths)")
+
+
+def _ranges(indices: list[int]) -> str:
+    """``0-3, 5`` for [0, 1, 2, 3, 5]."""
+    parts, start = [], None
+    for i, value in enumerate(indices):
+        if start is None:
+            start = value
+        if i + 1 == len(indices) or indices[i + 1] != value + 1:
+            parts.append(str(start) if start == value else f"{start}-{value}")
+            start = None
+    return ", ".join(parts)
 
 
 def check_compression_format(config_file: Path, fmt: str | None) -> None:

@@ -100,3 +100,54 @@ def test_config_groups_match_as_compressed_tensors_does(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="layer layer has packed weights but no config group targets it"):
         inspect_checkpoint(path)
+
+
+def fake_moe_checkpoint(path, experts=4, hidden=64, intermediate=96, widths=None, drop=None):
+    """One MoE layer of ``experts`` 3-bit experts; ``widths`` {expert: intermediate} gives some another
+    width, ``drop`` (expert, projection) leaves one projection out."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    tensors = {}
+    for expert in range(experts):
+        width = (widths or {}).get(expert, intermediate)
+        for projection, (rows, cols) in {"gate_proj": (width, hidden), "up_proj": (width, hidden),
+                                         "down_proj": (hidden, width)}.items():
+            if drop == (expert, projection):
+                continue
+            name = f"model.layers.0.block_sparse_moe.experts.{expert}.{projection}"
+            tensors[name + ".weight_packed"] = pack_codes(torch.zeros(rows, cols, dtype=torch.int8), 3)
+            tensors[name + ".weight_shape"] = torch.tensor([rows, cols])
+            tensors[name + ".weight_scale"] = torch.ones(rows, cols // 32)
+    tensors["model.layers.0.block_sparse_moe.gate.weight"] = torch.zeros(experts, hidden)
+    save_file(tensors, str(path / "model.safetensors"))
+    config = {"model_type": "mixtral", "num_local_experts": experts, "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "version": "0.19.0",
+        "ignore": ["re:.*\\.gate$"], "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 3, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}}}}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_moe_checkpoint_with_every_expert_is_accepted(tmp_path):
+    layers = inspect_checkpoint(fake_moe_checkpoint(tmp_path / "ok")).layers
+    assert len([name for name in layers if ".experts." in name]) == 4 * 3
+
+
+def test_moe_expert_of_another_width_is_refused_with_layer_and_expert(tmp_path):
+    with pytest.raises(CheckpointError, match=r"layer model.layers.0.block_sparse_moe.experts: expert 2 down_proj has "
+                                              r"shape \[64, 128\], expected \[64, 96\] as in experts 0-1, 3"):
+        inspect_checkpoint(fake_moe_checkpoint(tmp_path / "wide", widths={2: 128}))
+
+
+def test_moe_missing_expert_tensor_is_refused_with_layer_and_expert(tmp_path):
+    with pytest.raises(CheckpointError, match=r"layer model.layers.0.block_sparse_moe.experts: expert 3 has no up_proj "
+                                              r"weight \(config.json declares 4 experts; up_proj found for experts 0-2\)"):
+        inspect_checkpoint(fake_moe_checkpoint(tmp_path / "missing", drop=(3, "up_proj")))
+    # an expert missing whole: the config's count says so
+    folder = fake_moe_checkpoint(tmp_path / "three", experts=3)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_local_experts"] = 4
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"expert 3 has no down_proj weight \(config.json declares 4 experts"):
+        load_causal_lm(folder)

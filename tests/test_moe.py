@@ -112,3 +112,41 @@ def test_the_moe_recipe_makes_experts_2_bit_attention_4_bit_and_keeps_the_router
     assert not any(name.endswith(".gate") for name in widths)  # the router stays in full precision
     end_to_end = next(row for row in result.report if row["name"] == "end_to_end")
     assert end_to_end["layers"] == len(widths)  # the experts' scales are tuned too
+
+
+@pytest.mark.skipif(not HAS_LLMCOMPRESSOR, reason="llmcompressor is not installed")
+def test_experts_routed_too_few_tokens_keep_their_gptq_codes_and_the_log_says_so(tiny_moe, tmp_path):
+    from loguru import logger
+    from safetensors.torch import load_file
+
+    from gsq_vllm.compress.quantize import quantize
+
+    def run(name: str, steps: int, extra: str = "") -> tuple[dict, dict]:
+        result = quantize(tiny_moe, yaml.safe_load(gsq_recipe(3, steps=steps, extra=extra)), tmp_path / name,
+                          calibration_samples=16, calibration_seq_len=128, dataset=tiny_calibration(16, 128))
+        packed = {key: value for key, value in load_file(str(result.output_dir / "model.safetensors")).items()
+                  if key.endswith(".weight_packed")}
+        return {row["name"]: row for row in result.report}, packed
+
+    _, gptq = run("gptq", 0)  # GSQ without steps: every Linear keeps its GPTQ start
+    lines: list[str] = []
+    sink = logger.add(lines.append, format="{message}")
+    try:
+        # 16 x 128 calibration tokens, top-2 of 4 experts: fewer routed to each expert than asked
+        report, fallback = run("fallback", 5, extra="      min_expert_tokens: 100000\n")
+        default_report, default = run("trained", 5)
+    finally:
+        logger.remove(sink)
+    experts = [key for key in gptq if ".experts." in key]
+    attention = [key for key in gptq if ".self_attn." in key]
+    assert len(experts) == 2 * EXPERTS * 3
+    # the first layer's experts are GPTQ's exactly (later layers see the trained attention's outputs)
+    assert all(torch.equal(fallback[key], gptq[key]) for key in experts if key.startswith("model.layers.0."))
+    assert any(not torch.equal(fallback[key], gptq[key]) for key in attention)  # attention still trained
+    assert len(report["model.layers.0"]["kept_start"]) == EXPERTS * 3
+    kept = [line for line in lines if "calibration tokens (< 100000): kept its GPTQ codes" in line]
+    assert len(kept) == 2 * EXPERTS, lines  # every expert of both layers, each named once
+    assert kept[0].startswith("GSQ model.layers.0: expert 0 of ") and "experts was routed" in kept[0]
+    # by default (an expert needs as many routed tokens as its widest input) they train with the block
+    assert "kept_start" not in default_report["model.layers.0"]
+    assert any(not torch.equal(default[key], gptq[key]) for key in experts)

@@ -64,7 +64,7 @@ from gsq_vllm.gsq import (
     quantize_to_grid,
 )
 from gsq_vllm.gsq import distributed
-from gsq_vllm.gsq.blocks import BlockInputs, linears_with_weights
+from gsq_vllm.gsq.blocks import BlockInputs, linears_with_weights, routed_tokens
 from gsq_vllm.peak_memory import release_freed_memory
 from gsq_vllm.weight_format import GSQ_BITS
 
@@ -105,6 +105,8 @@ class GSQModifier(Modifier, QuantizationMixin):
     :param max_block_tokens: cap on the calibration tokens cached per block.
     :param cache_dtype: dtype of the cached block inputs and targets (bf16 halves their memory).
     :param fused: ``torch.compile`` the relaxation and optimiser loops (eager when compiling fails).
+    :param min_expert_tokens: routed tokens a mixture-of-experts expert needs to be trained with its
+        block; one routed fewer keeps its GPTQ start (and the log says so). Default: its widest input.
     :param resume_dir: keep each finished block's codes and scales there, and reuse those computed from
         the same inputs (set by the quantize job, :mod:`gsq_vllm.compress.resume`).
     """
@@ -134,6 +136,7 @@ class GSQModifier(Modifier, QuantizationMixin):
     max_block_tokens: int = Field(default=1 << 20, ge=1)
     cache_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     fused: bool = True
+    min_expert_tokens: int | None = Field(default=None, ge=1)
     resume_dir: str | None = None
 
     _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
@@ -332,20 +335,55 @@ class GSQModifier(Modifier, QuantizationMixin):
             self._finish(block_name, digest, members, {rel: s[0] for rel, s in starts.items()},
                          {rel: s[1] for rel, s in starts.items()}, None)
             return
-        with torch.no_grad():
+        with torch.no_grad(), routed_tokens(block) as routed:  # routing of the training inputs
             if fp_inputs is not None:
                 targets = self._fp_stream
+                for i in range(len(inputs) if routed else 0):
+                    run(originals, i)
             else:
                 targets = [inputs.cast(run(originals, i)) for i in range(len(inputs))]
+        kept = self._experts_with_few_tokens(block_name, members, routed)
+        trained = [rel for rel in members if rel not in kept]
+        if not trained:
+            self._finish(block_name, digest, members, {rel: s[0] for rel, s in starts.items()},
+                         {rel: s[1] for rel, s in starts.items()}, None)
+            return
+        fixed = {rel: dequantize(starts[rel][0], starts[rel][1]) for rel in kept}
         begin = time.time()
         result = optimize_block(
-            lambda weights, i: run(weights, i), originals, targets,
-            {rel: s[0] for rel, s in starts.items()}, {rel: s[1] for rel, s in starts.items()},
-            {rel: self._grids[module] for rel, module in members.items()}, self.gsq_config(), name=block_name,
+            lambda weights, i: run({**fixed, **weights}, i), {rel: originals[rel] for rel in trained}, targets,
+            {rel: starts[rel][0] for rel in trained}, {rel: starts[rel][1] for rel in trained},
+            {rel: self._grids[members[rel]] for rel in trained}, self.gsq_config(), name=block_name,
         )
+        codes = {**{rel: starts[rel][0] for rel in kept}, **result.codes}
+        scales = {**{rel: starts[rel][1] for rel in kept}, **result.scales}
         row = self._log(block_name, "block", result, time.time() - begin,
-                        {f"{block_name}.{rel}": result.codes[rel] for rel in members})
-        self._finish(block_name, digest, members, result.codes, result.scales, row)
+                        {f"{block_name}.{rel}": codes[rel] for rel in members})
+        if kept:
+            row["kept_start"] = sorted(f"{block_name}.{rel}" for rel in kept)
+        self._finish(block_name, digest, members, codes, scales, row)
+
+    def _experts_with_few_tokens(self, block_name: str, members: dict[str, torch.nn.Module],
+                                 routed: dict[str, torch.Tensor]) -> set[str]:
+        """Members of routed experts that the router sent too few training tokens to fit them on:
+        they keep their start (GPTQ's codes, fitted on every calibration token through
+        llmcompressor's all-experts calibration) instead of GSQ's block objective, and the log
+        names them. Too few: below ``min_expert_tokens``, by default the expert's widest input
+        (GPTQ's own rule: at least as many tokens as input features)."""
+        kept: set[str] = set()
+        for experts, counts in routed.items():
+            counts = distributed.all_reduce_sum(counts.clone())  # under torchrun: every rank's shard
+            for index, tokens in enumerate(counts.tolist()):
+                prefix = f"{experts}.{index}." if experts else f"{index}."
+                own = [rel for rel in members if rel.startswith(prefix)]
+                if not own:
+                    continue
+                needed = self.min_expert_tokens or max(members[rel].weight.shape[1] for rel in own)
+                if tokens < needed:
+                    kept.update(own)
+                    logger.info(f"GSQ {block_name}: expert {index} of {experts} was routed {tokens} calibration "
+                                f"tokens (< {needed}): kept its {self.init.upper()} codes instead of GSQ's")
+        return kept
 
     # -- resuming a killed run (gsq_vllm.compress.resume) ------------------------------------------------
 

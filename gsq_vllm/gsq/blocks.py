@@ -4,19 +4,21 @@ Plain torch, no llmcompressor: a :class:`BlockInputs` records each call of a blo
 states and every other argument: position embeddings, attention mask, ...) from a pre-forward
 hook, and replays any of them later, optionally with other hidden states (the full-precision
 stream); :func:`linears_with_weights` makes the block's Linears use given weight tensors, through
-which autograd flows to GSQ's relaxed weights.
+which autograd flows to GSQ's relaxed weights; :func:`routed_tokens` counts the tokens a
+mixture-of-experts block's router sends each expert.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["BlockInputs", "linears_with_weights"]
+__all__ = ["BlockInputs", "linears_with_weights", "routed_tokens"]
 
 
 def _map_tensors(value: Any, fn) -> Any:
@@ -125,3 +127,36 @@ def linears_with_weights(
                 del module.forward
             else:
                 module.forward = saved[name]
+
+
+def _is_routed_experts(module: torch.nn.Module) -> bool:
+    """transformers' interface of a block's routed experts: ``forward(hidden_states, top_k_index,
+    top_k_weights)`` (its fused experts, and llmcompressor's per-expert Linears that replace them)."""
+    try:
+        return "top_k_index" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def routed_tokens(block: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Count, while the block runs, the tokens sent to each routed expert: ``{experts module name
+    (relative to the block): tokens per expert index}`` (empty for a block without experts)."""
+    counts: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in block.named_modules():
+        if not _is_routed_experts(module):
+            continue
+        size = getattr(module, "num_experts", None) or len(module)
+        counts[name] = torch.zeros(int(size), dtype=torch.long)
+
+        def count(_module, args: tuple, kwargs: dict, name: str = name) -> None:
+            chosen = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            counts[name] += torch.bincount(chosen.detach().reshape(-1).cpu(), minlength=len(counts[name]))
+
+        handles.append(module.register_forward_pre_hook(count, with_kwargs=True))
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -88,6 +88,7 @@ class GSQLowbitMoEMethod(FusedMoEMethodBase):
             codes, scales = {}, {}
             for shard in _SHARDS:
                 codes[shard], scales[shard] = self._expert_codes(tensors, expert, shard)
+            self._check_intermediate(expert, codes, self.intermediate_per_rank * parallel.tp_size)
             rows = slice(parallel.tp_rank * self.intermediate_per_rank, (parallel.tp_rank + 1) * self.intermediate_per_rank)
             down_codes, down_scales = self._down_shard(expert, codes["w2"], scales["w2"], parallel)
             gate_up = cpu_lowbit.prepare(torch.cat([codes["w1"][rows], codes["w3"][rows]]),
@@ -132,6 +133,16 @@ class GSQLowbitMoEMethod(FusedMoEMethodBase):
             raise GSQMoELoadError(f"{name}: codes {tuple(codes.shape)} and scales {tuple(scales.shape)} do not fit "
                                   f"weight_shape {[out_features, in_features]} with group size {group}")
         return codes, scales.float()
+
+    def _check_intermediate(self, expert: int, codes: dict[str, torch.Tensor], intermediate: int) -> None:
+        """Gate and up rows and down columns are the model's intermediate size (an expert of
+        another width would be cut at the wrong place or fail to stack with the others)."""
+        found = {"w1": codes["w1"].shape[0], "w3": codes["w3"].shape[0], "w2": codes["w2"].shape[1]}
+        odd = {shard: width for shard, width in found.items() if width != intermediate}
+        if odd:
+            raise GSQMoELoadError(f"{self.layer_name}: expert {expert}: intermediate width "
+                                  f"{', '.join(f'{shard} {width}' for shard, width in odd.items())}, expected "
+                                  f"{intermediate} (the model's moe intermediate size; every expert the same)")
 
     def _down_shard(self, expert: int, codes: torch.Tensor, scales: torch.Tensor, parallel):
         """This rank's input columns of the down projection (whole groups only)."""
