@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["world_size", "rank", "all_reduce_sum", "reduce_gradients", "broadcast_from_first", "barrier",
-           "agreed_digest"]
+           "agreed_digest", "RankSharedParameters"]
 
 
 def world_size() -> int:
@@ -83,3 +83,40 @@ def agreed_digest(local: str) -> str:
     digests: list[str | None] = [None] * world_size()
     dist.all_gather_object(digests, local)
     return hashlib.sha1("|".join(digests).encode()).hexdigest()
+
+
+class RankSharedParameters:
+    """Train parameters whose memory every rank shares without stepping them once per rank.
+
+    Under torchrun on one machine llmcompressor keeps the model's weights in CPU memory shared by
+    all ranks (compressed-tensors' distributed offload): an optimiser step in place on such a
+    tensor lands once per rank (N steps instead of one). The optimiser gets a private copy of each
+    shared parameter instead; :meth:`before_step` hands it the (already reduced) gradient and
+    :meth:`after_step` lets rank 0 alone write the stepped value, which is the same on every rank.
+    Nothing changes in one process.
+    """
+
+    def __init__(self, parameters: list[torch.nn.Parameter]):
+        self.pairs = []
+        self.trainable = []
+        for parameter in parameters:
+            if world_size() > 1 and parameter.is_shared():
+                private = torch.nn.Parameter(parameter.detach().clone())
+                self.pairs.append((parameter, private))
+                self.trainable.append(private)
+            else:
+                self.trainable.append(parameter)
+
+    def before_step(self) -> None:
+        for shared, private in self.pairs:
+            private.grad, shared.grad = shared.grad, None
+
+    def after_step(self) -> None:
+        if not self.pairs:
+            return
+        barrier()  # every rank has finished the forward that read the old values
+        if rank() == 0:
+            with torch.no_grad():
+                for shared, private in self.pairs:
+                    shared.copy_(private)
+        barrier()  # the new values are there before anyone reads them

@@ -177,7 +177,8 @@ def tune_end_to_end(
     initial = held_out_kl()
     if config.steps == 0:
         return EndToEndResult(initial, initial, kept_initial=True)
-    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    shared = distributed.RankSharedParameters(parameters)  # the model's own weights under torchrun
+    optimizer = torch.optim.Adam(shared.trainable, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     batch = min(max(1, config.items_per_step // distributed.world_size()), train_count)  # a rank's share
     history = []
@@ -190,12 +191,15 @@ def tune_end_to_end(
                                         config.positions_per_chunk)
         if not math.isfinite(loss):
             raise FloatingPointError(f"end-to-end tuning: the KL is {loss} at step {step}")
+        shared.before_step()
         optimizer.step()
+        shared.after_step()
         history.append(loss)
-    distributed.broadcast_from_first(parameters)  # identical already; bit-identical for sure
+    distributed.broadcast_from_first([p for p in parameters if not p.is_shared()])  # identical already; bit-identical for sure
     final = held_out_kl()
     if not final < initial:
         logger.info("end-to-end tuning: held-out KL %.5g did not beat its start %.5g; keeping the start", final, initial)
+        distributed.barrier()  # every rank has read the trained values for its held-out check
         with torch.no_grad():
             for parameter, value in zip(parameters, start):
                 parameter.copy_(value)
