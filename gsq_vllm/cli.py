@@ -57,7 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from gsq_vllm.evaluation import evaluate_models, format_table
-    from gsq_vllm.compress.quantize import quantize
+    from gsq_vllm.compress.quantize import leave_torchrun, quantize
     from gsq_vllm.recipes import edit_recipe, load_recipe, recipe_summary
 
     model = Path(args.model or _default_model())
@@ -75,7 +75,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     args.written = result.output_dir
     from gsq_vllm.gsq import distributed
 
-    if distributed.rank() != 0:
+    rank = distributed.rank()
+    leave_torchrun()
+    if rank != 0:
         return 0  # under torchrun the first rank wrote the checkpoint and reports on it
     record = {**summary, "output": str(result.output_dir), "quant_seconds": result.seconds,
               "peak_mem_mb": result.peak_mem_mb, "gsq_layers": result.report}

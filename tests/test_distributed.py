@@ -135,3 +135,25 @@ def test_the_end_to_end_stage_on_two_ranks_follows_one_process_from_the_same_sta
     assert split["initial_kl"] == pytest.approx(single["initial_kl"], rel=1e-5)
     assert split["final_kl"] == pytest.approx(single["final_kl"], rel=1e-4)
     assert split["final_kl"] < 0.9 * split["initial_kl"]  # and it did train
+
+
+def test_the_quantize_command_under_torchrun_evaluates_its_checkpoint(tiny_model_dir, tmp_path):
+    """The command a user runs: after the job every rank leaves the process group, and rank 0
+    evaluates the checkpoint (loading it must not wait on a rank that has exited)."""
+    from tests.conftest import gsq_recipe
+
+    recipe = tmp_path / "gsq.yaml"
+    recipe.write_text(gsq_recipe(3, steps=2))
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    out, record = tmp_path / "ckpt", tmp_path / "record.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "gsq_vllm.cli",
+         "quantize", "--model", str(tiny_model_dir), "--recipe", str(recipe), "--calibration-text", str(text),
+         "--calibration-samples", "8", "--calibration-seq-len", "64", "--output", str(out),
+         "--text", str(text), "--windows", "2", "--seq-len", "64", "--json", str(record)],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    scores = json.loads(record.read_text())
+    assert scores["tokens"] > 0 and scores["ce"] > 0 and scores["reference_ce"] > 0

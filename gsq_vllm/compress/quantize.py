@@ -161,6 +161,17 @@ def join_torchrun() -> bool:
     return True
 
 
+def leave_torchrun() -> None:
+    """Leave the process group once every rank is done (no-op in one process): what runs after
+    the job (loading the checkpoint to evaluate it) must not wait on ranks that have exited;
+    compressed-tensors' decompression broadcasts whenever a group exists."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank_shard(dataset):
     """This rank's share of the calibration sequences under torchrun: a contiguous slice, the
     split of llmcompressor's ``get_rank_partition`` (the whole dataset in one process).
