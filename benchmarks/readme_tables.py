@@ -5,6 +5,8 @@ rendered from one results file:
 
 * ``accuracy-table``, ``ablation-table``: benchmarks/results/accuracy_smollm2.json
 * ``serve-table``: benchmarks/results/serve_cpu.json
+* ``moe-accuracy-table``: benchmarks/results/accuracy_smollm2_moe.json
+* ``moe-serve-table``: benchmarks/results/serve_cpu_moe.json
 * ``serve-load-table``: benchmarks/results/serve_load_cpu.json
 * ``layer-cost-table``: benchmarks/results/layer_cost_cpu.json
 
@@ -46,18 +48,22 @@ def autoround_peer(rows: list[dict], bits) -> str | None:
     return min(candidates, key=lambda r: r["ce"])["name"] if candidates else None
 
 
-def accuracy_tables(payload: dict) -> dict[str, str]:
+def accuracy_tables(payload: dict, moe: bool = False) -> dict[str, str]:
+    """The accuracy and ablation tables of the dense model's results, or the MoE model's accuracy table."""
     rows = payload["results"]
+    suffix = "-moe" if moe else ""
     settings = payload["settings"]
     calibration = settings["calibration"]
-    head = (f"Measured with `.venv/bin/python benchmarks/accuracy.py` on {_machines(rows, payload.get('cpu', {}))}. "
+    head = (f"Measured with `.venv/bin/python benchmarks/accuracy.py{' --model moe' if moe else ''}` on {_machines(rows, payload.get('cpu', {}))}. "
             f"Calibration: {calibration['samples']} x "
             f"{calibration['seq_len']} tokens {'spread over' if calibration.get('spread') else 'from the start of'} "
             f"the Wikipedia calibration text, the same for every method; wiki = last "
             f"{settings['evaluation']['wiki']['windows']} x 2048 tokens of held-out Wikipedia articles, news = last "
             f"{settings['evaluation']['news']['windows']} x 2048 tokens of the Lee newswire corpus (never calibrated on). "
             "Gap = CE(method) - CE(full precision); a ratio below 1 means a smaller gap than that peer's. "
-            "All Linear layers but lm_head quantized by every method, symmetric int, group 64.\n\n")
+            + ("Quantized by every method: every Linear layer but lm_head and the router, symmetric int, group 64 "
+               "(2-bit rows: experts 2-bit, attention 4-bit).\n\n" if moe else
+               "All Linear layers but lm_head quantized by every method, symmetric int, group 64.\n\n"))
     peers = {bits: autoround_peer(rows, bits) for bits in sorted({r["bits"] for r in rows}, key=str)}
     columns = ("| row | method | bits | wiki ppl | news ppl | EAR | gap / GPTQ (wiki, news) "
                "| gap / GPTQ-MSE (wiki, news) | gap / AutoRound (wiki, news) | quant s | peak MB |")
@@ -67,7 +73,7 @@ def accuracy_tables(payload: dict) -> dict[str, str]:
             continue
         bits = r["bits"]
         ratios = [f"{_ratio(r, f'gap_over_{peer}')}, {_ratio(r, f'gap_news_over_{peer}')}"
-                  for peer in (f"gptq{bits}", f"gptq{bits}-mse", peers.get(bits))]
+                  for peer in (f"gptq{bits}{suffix}", f"gptq{bits}{suffix}-mse", peers.get(bits))]
         lines.append("| " + " | ".join([
             f"**{r['name']}**" if r["method"] == "gsq" else r["name"], r["label"], str(bits), _num(r["ppl"]),
             _num(r["ppl_news"]), f"{r['ear']:.3f}", *ratios, f"{r['quant_seconds']:.0f}",
@@ -89,6 +95,8 @@ def accuracy_tables(payload: dict) -> dict[str, str]:
         gaps = f"{r['gap']:.3f}, {r['gap_news']:.3f}" if "gap" in r else "-"
         ablation_lines.append(f"| {r['name']} | {r['label']} | {_num(r['ppl'])} | {_num(r['ppl_news'])} | {gaps} "
                               f"| {r['ear']:.3f} | {r['quant_seconds']:.0f} |")
+    if moe:
+        return {"moe-accuracy-table": head + "\n".join(lines)}
     return {"accuracy-table": head + "\n".join(lines),
             "ablation-table": "\n".join(ablation_lines) if ablations else "(no ablation rows in the results file)"}
 
@@ -118,9 +126,9 @@ def _cpu_line(payload: dict) -> str:
     return f"{cpu.get('model', '?')}, {cpu.get('cores', '?')} cores; {flags}"
 
 
-def serve_table(payload: dict) -> str:
+def serve_table(payload: dict, options: str = "") -> str:
     head = "| model | kernel | decode tok/s, batch 1 | decode tok/s, batch 8 | prefill tok/s | weights | start-up |"
-    lines = [f"One run of `.venv-serve/bin/python benchmarks/serve_throughput.py` ({payload.get('machine', '')}; "
+    lines = [f"One run of `.venv-serve/bin/python benchmarks/serve_throughput.py{options}` ({payload.get('machine', '')}; "
              f"{_cpu_line(payload)}; {payload.get('note', '')}). **bold**: what the plugin picks without any flag.",
              "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in payload["results"]:
@@ -222,9 +230,15 @@ def render() -> dict[str, str]:
     accuracy = RESULTS / "accuracy_smollm2.json"
     if accuracy.exists():
         tables.update(accuracy_tables(json.loads(accuracy.read_text())))
+    moe_accuracy = RESULTS / "accuracy_smollm2_moe.json"
+    if moe_accuracy.exists():
+        tables.update(accuracy_tables(json.loads(moe_accuracy.read_text()), moe=True))
     serving = RESULTS / "serve_cpu.json"
     if serving.exists():
         tables["serve-table"] = serve_table(json.loads(serving.read_text()))
+    moe = RESULTS / "serve_cpu_moe.json"
+    if moe.exists():
+        tables["moe-serve-table"] = serve_table(json.loads(moe.read_text()), " --only bf16-moe gsq-moe-w3 --label moe")
     load = RESULTS / "serve_load_cpu.json"
     if load.exists():
         tables["serve-load-table"] = serve_load_table(json.loads(load.read_text()))

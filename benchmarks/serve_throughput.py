@@ -4,6 +4,7 @@ Run it with the serving environment's Python::
 
     .venv-serve/bin/python benchmarks/serve_throughput.py            # everything (about 15 min on 2 cores)
     .venv-serve/bin/python benchmarks/serve_throughput.py --only gsq-w2:torch-int4 bf16
+    .venv-serve/bin/python benchmarks/serve_throughput.py --only bf16-moe gsq-moe-w3 --label moe
 
 Every configuration runs in a fresh child process (one vLLM engine each) with ``vllm.LLM``:
 
@@ -63,7 +64,10 @@ def _weight_bytes(worker) -> int:
     for module in model.modules():  # dense weights prepacked into a oneDNN/SGL handle by vLLM
         weight = getattr(module, "weight", None)
         if hasattr(module, "cpu_linear") and weight is not None and weight.numel() == 0:
-            total += module.output_size_per_partition * module.input_size_per_partition * weight.element_size()
+            # a replicated layer (the MoE router) has no per-partition sizes: its whole shape is the rank's
+            rows = getattr(module, "output_size_per_partition", None) or module.output_size
+            columns = getattr(module, "input_size_per_partition", None) or module.input_size
+            total += rows * columns * weight.element_size()
     return total
 
 
@@ -161,6 +165,10 @@ def checkpoint(kind: str) -> Path:
 
     if kind == "bf16":
         return default_model_dir()
+    if kind == "bf16-moe":
+        from gsq_vllm.data import moe_model_dir
+
+        return moe_model_dir()
     path = cache_dir() / "checkpoints" / kind
     if not (path / "config.json").is_file():
         print(f"making checkpoint {kind} in {QUANTIZE_PYTHON} ...", flush=True)
@@ -181,6 +189,10 @@ def configurations(probe: dict) -> list[dict]:
                             "env": {} if name == usable[0] else {"GSQ_VLLM_KERNEL": name}})
         if probe["platform"] == "cuda":
             configs.append({"model": model, "kernel": "stock (Humming, plugin off)", "env": {"GSQ_VLLM_DISABLE": "1"}})
+    # the mixture-of-experts model derived from the default one (4 experts, top-2), against its own bf16
+    configs.append({"model": "bf16-moe", "kernel": "stock (dense bf16 experts)", "env": {}, "default": True})
+    moe_kernel = "plugin fused-MoE (cpu-lowbit per expert)" if probe["platform"] != "cuda" else "stock fused-MoE"
+    configs.append({"model": "gsq-moe-w3", "kernel": moe_kernel, "env": {}, "default": True, "reference": "bf16-moe"})
     return configs
 
 
@@ -196,6 +208,8 @@ def run_config(config: dict, log_dir: Path) -> dict:
         **config["env"],
     }
     record = {"model": config["model"], "kernel": config["kernel"], "default": config.get("default", False)}
+    if "reference" in config:
+        record["reference"] = config["reference"]
     try:
         with open(log, "w") as handle:  # vLLM logs to stdout, tracebacks to stderr: both kept
             result = subprocess.run(
@@ -220,14 +234,14 @@ def _root_cause(log: Path) -> str:
 def format_table(results: list[dict]) -> str:
     base = {r["model"]: r for r in results if "error" not in r}
     columns = ["model", "kernel", "decode_tok_s_bs1", "decode_tok_s_bs8", "prefill_tok_s", "weight_bytes", "startup_s"]
-    header = columns + ["bs1/bf16", "bs8/bf16", "bs1/gptq", "bs8/gptq"]
+    header = columns + ["bs1/bf16", "bs8/bf16", "bs1/gptq", "bs8/gptq"]  # MoE rows: against the bf16 MoE model
     rows = [header]
     for r in results:
         if "error" in r:
             rows.append([r["model"], r["kernel"], "error: " + r["error"][:90]] + [""] * (len(header) - 3))
             continue
         row = [str(r[c]) if c != "weight_bytes" else f"{r[c] / 2**20:.1f} MiB" for c in columns]
-        for ref in ("bf16", "gptq-w4"):
+        for ref in (r.get("reference", "bf16"), "gptq-w4" if "reference" not in r else None):
             for key in ("decode_tok_s_bs1", "decode_tok_s_bs8"):
                 row.append(f"{r[key] / base[ref][key]:.2f}x" if ref in base else "-")
         rows.append(row)
@@ -241,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", help="model[:kernel] filters, e.g. bf16 gsq-w2:torch-int4")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--label", default="", help="results file serve_<device>_<label>.json (a partial run "
+                        "beside the full one)")
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     parser.add_argument("--from-log", type=Path, help="write the results file from the records a run printed "
                         "(a run whose final write failed), instead of running")
@@ -262,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         printed = [line.strip() for line in args.from_log.read_text().splitlines() if line.startswith("   {")]
         results = [json.loads(line) for line in printed]
         note = f"{args.note} (records taken from the printed log of that run)".strip()
-        return write_results(args.out, probe, results, note, None)
+        return write_results(args.out, probe, results, note, None, args.label)
     configs = configurations(probe)
     if args.only:
         keep = lambda c: any(  # noqa: E731
@@ -280,11 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         record = run_config(config, log_dir)
         print("   " + json.dumps(record), flush=True)
         results.append(record)
-    return write_results(args.out, probe, results, args.note, round(time.perf_counter() - began, 1))
+    return write_results(args.out, probe, results, args.note, round(time.perf_counter() - began, 1), args.label)
 
 
-def write_results(folder: Path, probe: dict, results: list[dict], note: str, wall_s: float | None) -> int:
-    out = folder / f"serve_{probe['device']}.json"
+def write_results(folder: Path, probe: dict, results: list[dict], note: str, wall_s: float | None,
+                  label: str = "") -> int:
+    out = folder / f"serve_{probe['device']}{f'_{label}' if label else ''}.json"
     payload = {
         "device": probe["device"],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

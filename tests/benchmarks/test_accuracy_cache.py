@@ -57,3 +57,22 @@ def test_editing_a_source_changes_the_keys_of_the_rows_that_run_it(accuracy, tmp
                 assert after[baseline] != before[baseline], f"editing {relative} leaves {baseline}'s key unchanged"
         path.write_bytes(original)
     assert {name: accuracy.source_digest(accuracy.sources_of(name)) for name in before} == before
+
+
+def test_the_moe_rows_keep_the_router_and_key_on_the_moe_model(accuracy):
+    """Every method leaves the MoE model's router in full precision (a quantized router would make
+    GSQ's and GPTQ's rows differ by more than their experts), and rebuilding the MoE model
+    differently recomputes its rows, never the dense ones."""
+    args = type("Args", (), dict(group_size=64, calibration_samples=128, calibration_seq_len=512,
+                                  calibration_from_start=False, wiki_windows=10, news_windows=4))()
+    settings = accuracy.settings_of(args)
+    assert accuracy.MOE_METHODS and all(spec.model == "moe" for spec in accuracy.MOE_METHODS.values())
+    for name, spec in accuracy.MOE_METHODS.items():
+        assert "gsq_vllm/moe_model.py" in accuracy.sources_of(name)
+        recipe = accuracy.edited_recipe(name, settings)
+        if recipe is None:
+            continue
+        for modifier, options in recipe["quant_stage"]["quant_modifiers"].items():
+            if modifier in ("GPTQModifier", "GSQModifier"):
+                assert "re:.*\\.gate$" in options["ignore"], f"{name}: {modifier} would quantize the router"
+    assert "gsq_vllm/moe_model.py" not in accuracy.sources_of("gsq3")
