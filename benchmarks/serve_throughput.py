@@ -89,16 +89,18 @@ def run_child(spec: dict) -> dict:
         dtype="bfloat16",
         max_model_len=2048,
         enforce_eager=on_cpu,
+        tensor_parallel_size=spec.get("tensor_parallel_size", 1),
         enable_prefix_caching=False,
         seed=0,
     )
     startup = time.perf_counter() - start
     tokenizer = llm.get_tokenizer()
+    new_tokens, repeats = spec.get("new_tokens", NEW_TOKENS), spec.get("repeats", REPEATS)  # larger models: fewer
 
     def timed(prompts: list[list[int]], max_tokens: int) -> list[float]:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         times = []
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             begin = time.perf_counter()
             outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
             times.append(time.perf_counter() - begin)
@@ -113,8 +115,8 @@ def run_child(spec: dict) -> dict:
     timed(short[:1], 8)  # warm-up
     decode, decode_spread = {}, {}
     for batch in (1, 8):
-        one, full = timed(short[:batch], 1), timed(short[:batch], NEW_TOKENS)
-        decode[batch] = batch * (NEW_TOKENS - 1) / (min(full) - min(one))
+        one, full = timed(short[:batch], 1), timed(short[:batch], new_tokens)
+        decode[batch] = batch * (new_tokens - 1) / (min(full) - min(one))
         decode_spread[batch] = spread(full)
     long = _text_ids(tokenizer, PREFILL_PROMPTS, PREFILL_LEN)
     prefill_times = timed(long, 1)
@@ -123,7 +125,7 @@ def run_child(spec: dict) -> dict:
         "decode_tok_s_bs8": round(decode[8], 2),
         "prefill_tok_s": round(PREFILL_PROMPTS * PREFILL_LEN / min(prefill_times), 1),
         "spread": {"decode_bs1": decode_spread[1], "decode_bs8": decode_spread[8], "prefill": spread(prefill_times)},
-        "weight_bytes": int(llm.collective_rpc(_weight_bytes)[0]),
+        "weight_bytes": int(sum(llm.collective_rpc(_weight_bytes))),  # every rank's share
         "startup_s": round(startup, 1),
     }
 
@@ -197,10 +199,13 @@ def configurations(probe: dict) -> list[dict]:
 
 
 def run_config(config: dict, log_dir: Path) -> dict:
+    """One configuration in a fresh child process; ``config`` may name its checkpoint folder (``path``)
+    and a tensor-parallel size, else the checkpoint is made from its model name."""
     log = log_dir / f"{config['model']}-{re.sub(r'[^a-z0-9]+', '-', config['kernel'].lower()).strip('-')}.log"
     result_file = log.with_suffix(".json")
     result_file.unlink(missing_ok=True)
-    spec = {"path": str(checkpoint(config["model"])), "result_file": str(result_file)}
+    spec = {"path": str(config.get("path") or checkpoint(config["model"])), "result_file": str(result_file),
+            **{key: config[key] for key in ("tensor_parallel_size", "new_tokens", "repeats") if key in config}}
     env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": "2",

@@ -1,5 +1,6 @@
 """Tensor parallelism on the CPU: the real ``vllm serve --tensor-parallel-size 3`` on the default
-model's 3-bit checkpoint, against one worker.
+model's 3-bit checkpoint, and ``--tensor-parallel-size 2`` on a 2-bit checkpoint of Llama-3.2-1B's
+shape (random weights, group 128), each against one worker.
 
 vLLM's CPU backend starts one worker process per rank and binds each to the cores named in
 ``VLLM_CPU_OMP_THREADS_BIND`` (ranks separated by ``|``); on a machine with one NUMA node it
@@ -9,6 +10,10 @@ refuses to start without it. Three ranks, not two: the default model has 9 atten
 """
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +61,44 @@ def test_a_rank_that_would_cut_a_quantization_group_is_refused_by_name(tmp_path)
             pass
     message = str(failed.value) + (tmp_path / "tp3-g768.log").read_text(errors="replace")
     assert "down_proj" in message and "would split a quantization group of 768 columns" in message, message[-4000:]
+
+
+def _random_1b_checkpoint() -> Path:
+    """The 1B-shape 2-bit checkpoint of benchmarks/serve_shapes.py (random weights), made on first use."""
+    from gsq_vllm.data import cache_dir, default_model_dir
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("random_llama", root / "benchmarks" / "random_llama.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.write_random_llama("1b", "gsq-w2", cache_dir() / "shapes" / "1b" / "gsq-w2", default_model_dir())
+
+
+def test_two_ranks_serve_the_greedy_tokens_of_one_at_the_1b_shape(tmp_path):
+    """Every layer cut in two for real at a real model's width (o_proj 2048 -> 1024 input columns,
+    down_proj 8192 -> 4096, both whole groups of 128). Random weights leave many steps nearly tied,
+    so where the two runs part, one worker's own log-probabilities must show a near tie there."""
+    model = _random_1b_checkpoint()
+    prompts = [[1, 400, 2000, 31000, 7], [1, 15, 16, 17, 18, 19, 20, 21]]
+    args = ["--dtype", "bfloat16", "--max-model-len", "1024", "--enforce-eager"]
+    runs = {}
+    for name, extra, env in (("tp1", [], None),
+                             ("tp2", ["--tensor-parallel-size", "2"], {"VLLM_CPU_OMP_THREADS_BIND": "0|1"})):
+        with VLLMServer(model, tmp_path / f"{name}.log", extra_args=args + extra, env=env,
+                        startup_timeout=1200) as server:
+            runs[name] = [server.complete(ids, 12, timeout=600, logprobs=5, return_tokens_as_token_ids=True)["choices"][0]
+                          for ids in prompts]
+            log = server.log_tail(400_000)
+        assert log.count("GSQ: using kernel") >= (2 if name == "tp2" else 1), log[-3000:]
+    for index, (one, two) in enumerate(zip(runs["tp1"], runs["tp2"])):
+        a, b = one["token_ids"], two["token_ids"]
+        assert len(a) == len(b) == 12
+        step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if step is None:
+            continue
+        top = one["logprobs"]["top_logprobs"][step]  # {"token_id:N": logprob} at one worker's step
+        chosen, other = one["logprobs"]["token_logprobs"][step], f"token_id:{b[step]}"
+        assert other in top and chosen - top[other] < 0.05, (
+            f"prompt {index}: 2 ranks chose {b[step]} at step {step} where one worker chose {a[step]} "
+            f"by a log-probability margin of {chosen - top.get(other, float('-inf')):.3f}; {a} vs {b}")

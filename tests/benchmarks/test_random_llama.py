@@ -1,0 +1,71 @@
+"""The random-weight checkpoints of the 1B-8B serving benchmark, at a tiny shape: each kind is the
+format its name says (read back by the same inspection that `gsq-vllm eval` and the plugin use),
+loads and runs in transformers, and its codes cover the grid."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=1024, tied_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def random_llama():
+    spec = importlib.util.spec_from_file_location("random_llama", ROOT / "benchmarks" / "random_llama.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_real_shapes_are_llamas(random_llama):
+    eight = random_llama.MODEL_SHAPES["8b"]
+    counts = random_llama.parameter_count(eight)
+    assert 6.9e9 < counts["linear"] < 7.0e9  # Llama-3.1-8B: 8.03e9 with its two 128256 x 4096 matrices
+    assert 8.0e9 < counts["linear"] + counts["embedding_and_head"] < 8.1e9
+    one = random_llama.MODEL_SHAPES["1b"]
+    assert 1.2e9 < sum(random_llama.parameter_count(one).values()) < 1.3e9  # Llama-3.2-1B: 1.24e9, tied
+
+
+@pytest.mark.parametrize("kind", ["gptq-w4", "gsq-w3", "gsq-w2"])
+def test_a_quantized_kind_is_the_format_it_names(random_llama, kind, tmp_path):
+    from gsq_vllm.checkpoint import inspect_checkpoint, load_causal_lm
+    from gsq_vllm.packing import unpack_codes
+    from safetensors import safe_open
+
+    out = random_llama.write_random_llama(TINY, kind, tmp_path / kind)
+    assert not (tmp_path / f"{kind}.tmp").exists()
+    info = inspect_checkpoint(out)
+    bits = random_llama.KINDS[kind]
+    assert len(info.layers) == 7 * TINY["layers"]
+    for layer in info.layers.values():
+        assert (layer.quant.num_bits, layer.quant.group_size, layer.quant.symmetric) == (bits, 128, True)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.mlp.down_proj.weight_packed"
+    with safe_open(str(out / index["weight_map"][name]), "pt") as tensors:
+        codes = unpack_codes(tensors.get_tensor(name), bits, TINY["intermediate"])
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    assert int(codes.min()) == low and int(codes.max()) == high
+    model = load_causal_lm(out)
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, TINY["vocab"]) and torch.isfinite(logits).all()
+
+
+def test_the_bf16_kind_loads_in_transformers_and_a_second_write_keeps_the_first(random_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = random_llama.write_random_llama(TINY, "bf16", tmp_path / "bf16")
+    stamp = (out / "config.json").stat().st_mtime_ns
+    assert random_llama.write_random_llama(TINY, "bf16", out) == out
+    assert (out / "config.json").stat().st_mtime_ns == stamp
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown kind 'w5'"):
+        random_llama.write_random_llama(TINY, "w5", tmp_path / "w5")
