@@ -53,13 +53,15 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from random_llama import MODEL_SHAPES, linear_shapes  # noqa: E402  (the one owner of the Llama shapes)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SEQ_LEN = 512
 FULL_SEQUENCES = 128  # the recipes' calibration: 128 x 512 tokens
 VOCAB = 512  # the one-layer model's vocabulary (not per-layer cost)
-E2E_VOCAB = 128256  # Llama-3.1's, for the end-to-end stage's head
-E2E_LAYERS = {"8b": 32, "70b": 80, "tiny": 2}
+E2E_VOCAB = MODEL_SHAPES["8b"]["vocab"]  # Llama-3.1's, for the end-to-end stage's head
 E2E_STAGE = ("per sequence, layers checkpointed, weights rebuilt per call, KL chunked over positions, "
              "the model's own head for the teacher")
 E2E_CHUNK = 128  # GSQEndToEndModifier's positions_per_chunk
@@ -68,10 +70,11 @@ MODIFIERS = {"gsq": "GSQModifier", "gptq": "GPTQModifier", "autoround": "AutoRou
 BUDGET_KEY = {"gsq": "steps", "autoround": "iters"}
 
 SHAPES: dict[str, dict[str, int]] = {
-    "8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8),
-    "70b": dict(hidden=8192, intermediate=28672, heads=64, kv_heads=8),
-    "tiny": dict(hidden=64, intermediate=128, heads=4, kv_heads=2),  # the test's
+    "8b": MODEL_SHAPES["8b"],
+    "70b": MODEL_SHAPES["70b"],
+    "tiny": dict(hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2),  # the test's
 }
+E2E_LAYERS = {name: shape["layers"] for name, shape in SHAPES.items()}
 
 # Memory formulas (bytes), the same for the CPU estimate and the GPU projection.
 GSQ_BYTES_PER_WEIGHT = 69  # 5 fp32 logits (20) + Lion momentum (20) + logit gradient (20) + soft weight and its gradient (8) + int8 start code (1)
@@ -86,12 +89,8 @@ H100 = dict(name="NVIDIA H100 SXM (80 GB)", bf16_dense_tflops=989.0, fp32_tflops
 # -- shapes ---------------------------------------------------------------------------------------
 
 def linears(shape: dict[str, int]) -> dict[str, tuple[int, int]]:
-    """(out, in) of the seven Linears of a Llama decoder layer."""
-    h, i = shape["hidden"], shape["intermediate"]
-    head_dim = h // shape["heads"]
-    kv = shape["kv_heads"] * head_dim
-    return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    """(out, in) of the seven Linears of a Llama decoder layer, by projection name."""
+    return {name.rsplit(".", 1)[-1]: dims for name, dims in linear_shapes(shape).items()}
 
 
 def layer_params(shape: dict[str, int], only: str | None = None) -> int:
