@@ -7,8 +7,8 @@ grid with random group scales, written in exactly the format a quantizer writes 
 ``pack-quantized``, symmetric int, group 128, ``lm_head`` in bf16). Perplexity means nothing here.
 
 Kinds: ``bf16``; ``gptq-w4`` (4-bit codes: the format GPTQ W4A16 writes); ``gsq-w3`` and ``gsq-w2``
-(GSQ's 3/2-bit format). The default model's tokenizer is copied in, so every tool can load the
-folder (its 49152 tokens are a subset of the 128256-entry embedding).
+(GSQ's 3/2-bit format). The default model's tokenizer goes in, padded with unused tokens to the
+model's vocabulary, so every tool can load the folder and name every id it emits.
 
     .venv-serve/bin/python benchmarks/random_llama.py 1b gsq-w2 OUT_DIR
 """
@@ -101,6 +101,17 @@ def _tensors(shape: dict, bits: int | None, generator: torch.Generator):
         yield "lm_head.weight", dense(shape["vocab"], shape["hidden"])
 
 
+def write_tokenizer(tokenizer_dir: str | Path, out_dir: Path, vocab: int) -> None:
+    """The default model's tokenizer, padded with unused special tokens to the model's vocabulary, so
+    that every id the model can emit has a token (llama.cpp's converter and loader insist on it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if vocab > len(tokenizer):
+        tokenizer.add_tokens([f"<|unused_{i}|>" for i in range(len(tokenizer), vocab)], special_tokens=True)
+    tokenizer.save_pretrained(str(out_dir))
+
+
 def write_random_llama(shape_name: str | dict, kind: str, out_dir: str | Path,
                        tokenizer_dir: str | Path | None = None, seed: int = 0) -> Path:
     """Write the checkpoint (sharded safetensors + index) into ``out_dir``, moved into place when complete;
@@ -142,9 +153,7 @@ def write_random_llama(shape_name: str | dict, kind: str, out_dir: str | Path,
                                                                   "weight_map": weight_map}, indent=1))
     (tmp / "config.json").write_text(json.dumps(llama_config(shape, bits), indent=2))
     if tokenizer_dir is not None:
-        for file in Path(tokenizer_dir).iterdir():
-            if file.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-                shutil.copy(file, tmp / file.name)
+        write_tokenizer(tokenizer_dir, tmp, shape["vocab"])
     tmp.rename(out_dir)
     return out_dir
 

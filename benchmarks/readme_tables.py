@@ -7,6 +7,7 @@ rendered from one results file:
 * ``serve-table``: benchmarks/results/serve_cpu.json
 * ``moe-accuracy-table``: benchmarks/results/accuracy_smollm2_moe.json
 * ``moe-serve-table``: benchmarks/results/serve_cpu_moe.json
+* ``shapes-serve-table``: benchmarks/results/serve_shapes_cpu.json
 * ``serve-load-table``: benchmarks/results/serve_load_cpu.json
 * ``layer-cost-table``: benchmarks/results/layer_cost_cpu.json
 
@@ -141,6 +142,44 @@ def serve_table(payload: dict, options: str = "") -> str:
     return "\n".join(lines)
 
 
+def shapes_serve_table(payload: dict) -> str:
+    """vLLM and llama.cpp at 1B-8B shapes, each row beside its memory-bandwidth bound, then the ratios
+    the serving issue asks for."""
+    head = ("| shape | engine | format | decode tok/s, batch 1 | batch 8 | prefill tok/s | bytes read per token "
+            "| bound tok/s | of bound |")
+    lines = [f"One run of `.venv-serve/bin/python benchmarks/serve_shapes.py --shapes {' '.join(payload['shapes'])}` "
+             f"({payload.get('machine', '')}; {_cpu_line(payload)}; read bandwidth {payload['read_bandwidth_gb_s']} GB/s; "
+             f"{payload['weights']}{'; ' + payload['note'] if payload.get('note') else ''}).",
+             "", head, "|" + "---|" * (head.count("|") - 1)]
+    rows: dict[tuple[str, str, str], dict] = {}
+    for r in payload["results"]:
+        label = r["format"] + (f", TP {r['tensor_parallel_size']}" if r.get("tensor_parallel_size", 1) > 1 else "")
+        label += " (†)" if r.get("extra_buffers") is False else ""
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['engine']} | {label} | fails: {r['error'].split(' (log')[0][:120]} | | | | | |")
+            continue
+        rows[(r["shape"], r["engine"], label)] = r
+        lines.append(f"| {r['shape']} | {r['engine']} | {label} | {r['decode_tok_s_bs1']:.2f} "
+                     f"| {_num(r.get('decode_tok_s_bs8'))} | {r['prefill_tok_s']:.1f} | {r['read_bytes'] / 2**20:.0f} MiB "
+                     f"| {r['bound_tok_s']:.2f} | {100 * r['of_bound_bs1']:.0f}% |")
+    ratios = []
+    pairs = (("GSQ W2 / bf16", ("vLLM", "gsq-w2"), ("vLLM", "bf16")), ("GSQ W2 / W4A16", ("vLLM", "gsq-w2"), ("vLLM", "gptq-w4")),
+             ("GSQ W3 / W4A16", ("vLLM", "gsq-w3"), ("vLLM", "gptq-w4")),
+             ("GSQ W2 / llama.cpp Q2_K", ("vLLM", "gsq-w2"), ("llama.cpp", "q2_k")),
+             ("GSQ W3 / llama.cpp Q3_K_S", ("vLLM", "gsq-w3"), ("llama.cpp", "q3_k_s")))
+    for shape in payload["shapes"]:
+        found = [f"{name} {rows[(shape, *a)]['decode_tok_s_bs1'] / rows[(shape, *b)]['decode_tok_s_bs1']:.2f}x"
+                 for name, a, b in pairs if (shape, *a) in rows and (shape, *b) in rows]
+        if found:
+            ratios.append(f"{shape}: " + ", ".join(found))
+    if ratios:
+        lines += ["", "Decode at batch 1, ratios: " + "; ".join(ratios) + "."]
+    if any(r.get("extra_buffers") is False for r in payload["results"]):
+        lines += ["", "(†) llama.cpp died with SIGILL in its default weight layouts for this format (its AMX repacking) "
+                      "on this machine, so the row runs without its extra layouts (AMX and repacked)."]
+    return "\n".join(lines)
+
+
 def serve_load_table(payload: dict) -> str:
     head = ("| model | kernel | requests at once | failed valid | lost | invalid refused (4xx) | healthy after "
             "| p50 s | p99 s | requests/s | answer tok/s | greedy under load = alone |")
@@ -239,6 +278,9 @@ def render() -> dict[str, str]:
     moe = RESULTS / "serve_cpu_moe.json"
     if moe.exists():
         tables["moe-serve-table"] = serve_table(json.loads(moe.read_text()), " --only bf16-moe gsq-moe-w3 --label moe")
+    shapes = RESULTS / "serve_shapes_cpu.json"
+    if shapes.exists():
+        tables["shapes-serve-table"] = shapes_serve_table(json.loads(shapes.read_text()))
     load = RESULTS / "serve_load_cpu.json"
     if load.exists():
         tables["serve-load-table"] = serve_load_table(json.loads(load.read_text()))

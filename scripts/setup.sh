@@ -9,7 +9,9 @@
 #
 # Options: --no-serve (skip .venv-serve), --no-data (skip the offline inputs),
 #          --vllm-033 (also create the optional .venv-vllm033: vLLM 0.33's CUDA build, ~6 GB, to
-#          test the plugin against the vLLM GPU users run; CI does not create it).
+#          test the plugin against the vLLM GPU users run; CI does not create it),
+#          --llama-cpp (also create the optional .venv-llamacpp: llama.cpp built for this CPU, about
+#          15 min on 2 cores, for benchmarks/serve_shapes.py; CI does not create it).
 # Environment: PYTHON (default python3), GSQ_VLLM_CACHE (default <repo>/.cache/gsq-vllm).
 set -euo pipefail
 
@@ -19,11 +21,13 @@ CACHE="${GSQ_VLLM_CACHE:-$ROOT/.cache/gsq-vllm}"
 WANT_SERVE=1
 WANT_DATA=1
 WANT_VLLM033=0
+WANT_LLAMACPP=0
 for arg in "$@"; do
   case "$arg" in
     --no-serve) WANT_SERVE=0 ;;
     --no-data) WANT_DATA=0 ;;
     --vllm-033) WANT_VLLM033=1 ;;
+    --llama-cpp) WANT_LLAMACPP=1 ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -34,6 +38,7 @@ TORCH="torch==2.13.0"
 QUANTIZE_PINS="$ROOT/scripts/pins/quantize.txt"
 SERVE_PINS="$ROOT/scripts/pins/serve.txt"
 VLLM033_PINS="$ROOT/scripts/pins/vllm033.txt"
+LLAMACPP_PINS="$ROOT/scripts/pins/llamacpp.txt"
 
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -105,6 +110,33 @@ if [ "$WANT_VLLM033" = 1 ]; then
     "$ROOT/.venv-vllm033/bin/pip" install -q --no-deps -e "$ROOT"
     printf '%s' "$VKEY" > "$ROOT/.venv-vllm033/.gsq-setup-done"
     log ".venv-vllm033 ready"
+  fi
+fi
+
+# --- optional: llama.cpp, built for this CPU, for the serving comparison at 1B-8B shapes ------
+if [ "$WANT_LLAMACPP" = 1 ]; then
+  LKEY="$(key_of "$LLAMACPP_PINS")"
+  LVENV="$ROOT/.venv-llamacpp"
+  if stamp_ok "$LVENV" "$LKEY"; then
+    log ".venv-llamacpp is up to date"
+  else
+    make_venv "$LVENV"
+    log "installing .venv-llamacpp (llama.cpp compiled from source: about 15 min on 2 cores)"
+    "$LVENV/bin/pip" install -q "$TORCH"
+    SOURCE="$(mktemp -d)"
+    LLAMA_SPEC="$(grep '^llama-cpp-python==' "$LLAMACPP_PINS")"
+    "$LVENV/bin/pip" download -q --no-deps --no-binary :all: "$LLAMA_SPEC" -d "$SOURCE"
+    tar xzf "$SOURCE"/llama_cpp_python-*.tar.gz -C "$SOURCE"
+    VENDOR="$(echo "$SOURCE"/llama_cpp_python-*/vendor/llama.cpp)"
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+      "$LVENV/bin/pip" install -q -r "$LLAMACPP_PINS" "$VENDOR/gguf-py"
+    # llama.cpp's HF -> GGUF converter with the modules it imports from beside it
+    mkdir -p "$LVENV/llama.cpp"
+    cp -r "$VENDOR/convert_hf_to_gguf.py" "$VENDOR/conversion" "$VENDOR/gguf-py" "$LVENV/llama.cpp/"
+    rm -rf "$SOURCE"
+    "$LVENV/bin/python" -c 'import llama_cpp, gguf' || { echo "setup.sh: .venv-llamacpp cannot import llama_cpp" >&2; exit 1; }
+    printf '%s' "$LKEY" > "$LVENV/.gsq-setup-done"
+    log ".venv-llamacpp ready"
   fi
 fi
 
