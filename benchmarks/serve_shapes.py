@@ -148,6 +148,14 @@ def run_llama(shape: str, gguf_type: str, convert_script: Path, log_dir: Path) -
     return {**record, "error": f"exit {result.returncode} (log {log})"}
 
 
+def two_ranks_binding(cores: int | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for two ranks: each rank half of the cores ("0|1" on 2 cores)."""
+    cores = cores or os.cpu_count() or 2
+    half = max(1, cores // 2)
+    span = lambda first, last: str(first) if first == last else f"{first}-{last}"  # noqa: E731
+    return f"{span(0, half - 1)}|{span(half, max(half, cores - 1))}"
+
+
 def vllm_configs(shape: str, tensor_parallel: bool) -> list[dict]:
     configs = []
     for kind in VLLM_KINDS:
@@ -157,7 +165,7 @@ def vllm_configs(shape: str, tensor_parallel: bool) -> list[dict]:
     if tensor_parallel:
         configs.append({"engine": "vLLM", "shape": shape, "model": f"{shape}-gsq-w2", "format": "gsq-w2",
                         "kernel": "plugin default, tensor parallel 2", "tensor_parallel_size": 2,
-                        "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, **BUDGET[shape]})
+                        "env": {"VLLM_CPU_OMP_THREADS_BIND": two_ranks_binding()}, **BUDGET[shape]})
     return configs
 
 
