@@ -11,7 +11,7 @@
 #          --vllm-033 (also create the optional .venv-vllm033: vLLM 0.33's CUDA build, ~6 GB, to
 #          test the plugin against the vLLM GPU users run; CI does not create it),
 #          --llama-cpp (also create the optional .venv-llamacpp: llama.cpp built for this CPU, about
-#          15 min on 2 cores, for benchmarks/serve_shapes.py; CI does not create it).
+#          up to an hour on 2 busy cores, for benchmarks/serve_shapes.py; CI does not create it).
 # Environment: PYTHON (default python3), GSQ_VLLM_CACHE (default <repo>/.cache/gsq-vllm).
 set -euo pipefail
 
@@ -121,7 +121,7 @@ if [ "$WANT_LLAMACPP" = 1 ]; then
     log ".venv-llamacpp is up to date"
   else
     make_venv "$LVENV"
-    log "installing .venv-llamacpp (llama.cpp compiled from source: about 15 min on 2 cores)"
+    log "installing .venv-llamacpp (llama.cpp compiled from source: up to an hour on 2 cores)"
     "$LVENV/bin/pip" install -q "$TORCH"
     SOURCE="$(mktemp -d)"
     LLAMA_SPEC="$(grep '^llama-cpp-python==' "$LLAMACPP_PINS")"
