@@ -10,7 +10,7 @@
 # Options: --no-serve (skip .venv-serve), --no-data (skip the offline inputs),
 #          --vllm-033 (also create the optional .venv-vllm033: vLLM 0.33's CUDA build, ~6 GB, to
 #          test the plugin against the vLLM GPU users run; CI does not create it),
-#          --llama-cpp (also create the optional .venv-llamacpp: llama.cpp built for this CPU, about
+#          --llama-cpp (also create the optional .venv-llamacpp: llama.cpp built for this CPU,
 #          up to an hour on 2 busy cores, for benchmarks/serve_shapes.py; CI does not create it).
 # Environment: PYTHON (default python3), GSQ_VLLM_CACHE (default <repo>/.cache/gsq-vllm).
 set -euo pipefail
