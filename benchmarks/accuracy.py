@@ -338,7 +338,7 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def plot(records: list[dict], path: Path, title: str = "SmolLM2-135M, all Linear but lm_head quantized") -> None:
+def plot(records: list[dict], path: Path, suptitle: str = "SmolLM2-135M, all Linear but lm_head quantized") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,7 +359,7 @@ def plot(records: list[dict], path: Path, title: str = "SmolLM2-135M, all Linear
         ax.set_ylabel("perplexity (log)")
         ax.set_title(title)
     axes[1].legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(suptitle)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
