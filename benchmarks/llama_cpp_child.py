@@ -1,8 +1,7 @@
 """The llama.cpp side of benchmarks/serve_shapes.py, run in .venv-llamacpp (llama-cpp-python and
-gguf only, not this package): time one GGUF as the vLLM child times a checkpoint, or read its sizes.
+gguf only, not this package): time one GGUF as the vLLM child times a checkpoint, and read its sizes.
 
     .venv-llamacpp/bin/python benchmarks/llama_cpp_child.py SPEC_JSON      # prints RESULT {...}
-    .venv-llamacpp/bin/python benchmarks/llama_cpp_child.py --sizes FILE   # prints RESULT [total, read]
 """
 
 from __future__ import annotations
@@ -29,8 +28,7 @@ def run_llama_child(spec: dict) -> dict:
             params.use_extra_bufts = False
             return params
 
-        llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
-        llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_buffers
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers  # what Llama() calls
     threads = os.cpu_count()
     start = time.perf_counter()
     llm = Llama(model_path=spec["path"], n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads,
@@ -51,6 +49,7 @@ def run_llama_child(spec: dict) -> dict:
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
         return time.perf_counter() - begin
 
+    weight_bytes, read_bytes = gguf_read_bytes(Path(spec["path"]))
     repeats, new_tokens = spec["repeats"], spec["new_tokens"]
     decode_seconds(spec["short"], 8)  # warm-up
     full = [decode_seconds(spec["short"], new_tokens) for _ in range(repeats)]
@@ -62,6 +61,8 @@ def run_llama_child(spec: dict) -> dict:
                    "prefill": round((max(prefill) - min(prefill)) / min(prefill), 3)},
         "startup_s": round(startup, 1),
         "threads": threads,
+        "weight_bytes": weight_bytes,
+        "read_bytes": read_bytes,
     }
 
 
@@ -77,10 +78,7 @@ def gguf_read_bytes(path: Path) -> tuple[int, int]:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--sizes"]:
-        print("RESULT " + json.dumps(gguf_read_bytes(Path(argv[1]))), flush=True)
-    else:
-        print("RESULT " + json.dumps(run_llama_child(json.loads(argv[0]))), flush=True)
+    print("RESULT " + json.dumps(run_llama_child(json.loads(argv[0]))), flush=True)
     return 0
 
 

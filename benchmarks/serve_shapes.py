@@ -236,11 +236,6 @@ def main(argv: list[str] | None = None) -> int:
                                 "error": f"llama.cpp not installed ({LLAMA_PYTHON}): run scripts/setup.sh --llama-cpp"})
                 continue
             record = run_llama(shape, gguf_type, args.convert_script, log_dir)
-            if "error" not in record:
-                path = gguf_file(shape, gguf_type, args.convert_script)
-                sizes = subprocess.run([str(LLAMA_PYTHON), str(LLAMA_CHILD), "--sizes", str(path)],
-                                       capture_output=True, text=True, check=True).stdout.splitlines()[-1]
-                record["weight_bytes"], record["read_bytes"] = json.loads(sizes[len("RESULT "):])
             results.append(add_bounds(record, bandwidth))
             print("   " + json.dumps(results[-1]), flush=True)
     payload = {

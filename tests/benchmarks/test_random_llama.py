@@ -4,25 +4,19 @@ loads and runs in transformers, and its codes cover the grid."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=1024, tied_embeddings=False)
 
 
 @pytest.fixture(scope="module")
 def random_llama():
-    spec = importlib.util.spec_from_file_location("random_llama", ROOT / "benchmarks" / "random_llama.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    import random_llama  # benchmarks/ is on sys.path (tests/conftest.py)
+
+    return random_llama
 
 
 def test_the_real_shapes_are_llamas(random_llama):

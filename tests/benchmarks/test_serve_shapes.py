@@ -4,23 +4,14 @@ tests/serving/test_tensor_parallel.py and in the benchmark)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def serve_shapes():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("serve_shapes", ROOT / "benchmarks" / "serve_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    import serve_shapes  # benchmarks/ is on sys.path (tests/conftest.py)
+
+    return serve_shapes
 
 
 def test_a_decode_step_reads_every_weight_but_an_untied_input_embedding(serve_shapes):

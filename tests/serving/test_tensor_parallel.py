@@ -11,8 +11,6 @@ refuses to start without it. Three ranks, not two: the default model has 9 atten
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -65,14 +63,11 @@ def test_a_rank_that_would_cut_a_quantization_group_is_refused_by_name(tmp_path)
 
 def _random_1b_checkpoint() -> Path:
     """The 1B-shape 2-bit checkpoint of benchmarks/serve_shapes.py (random weights), made on first use."""
+    from random_llama import write_random_llama  # benchmarks/ is on sys.path (tests/conftest.py)
+
     from gsq_vllm.data import cache_dir, default_model_dir
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("random_llama", root / "benchmarks" / "random_llama.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.write_random_llama("1b", "gsq-w2", cache_dir() / "shapes" / "1b" / "gsq-w2", default_model_dir())
+    return write_random_llama("1b", "gsq-w2", cache_dir() / "shapes" / "1b" / "gsq-w2", default_model_dir())
 
 
 def test_two_ranks_serve_the_greedy_tokens_of_one_at_the_1b_shape(tmp_path):
