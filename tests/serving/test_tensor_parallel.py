@@ -76,7 +76,7 @@ def test_two_ranks_serve_the_greedy_tokens_of_one_at_the_1b_shape(tmp_path):
     so where the two runs part, one worker's own log-probabilities must show a near tie there."""
     model = _random_1b_checkpoint()
     prompts = [[1, 400, 2000, 31000, 7], [1, 15, 16, 17, 18, 19, 20, 21]]
-    args = ["--dtype", "bfloat16", "--max-model-len", "1024", "--enforce-eager"]
+    args = FP32_ARGS[:2] + ["--max-model-len", "1024", "--enforce-eager"]  # fp32, as above: one path on CPUs with or without bf16
     runs = {}
     for name, extra, env in (("tp1", [], None),
                              ("tp2", ["--tensor-parallel-size", "2"], {"VLLM_CPU_OMP_THREADS_BIND": "0|1"})):
