@@ -147,18 +147,20 @@ def shapes_serve_table(payload: dict) -> str:
     the serving issue asks for."""
     head = ("| shape | engine | format | decode tok/s, batch 1 | batch 8 | prefill tok/s | bytes read per token "
             "| bound tok/s | of bound |")
-    lines = [f"One run of `.venv-serve/bin/python benchmarks/serve_shapes.py --shapes {' '.join(payload['shapes'])}` "
-             f"({payload.get('machine', '')}; {_cpu_line(payload)}; read bandwidth {payload['read_bandwidth_gb_s']} GB/s; "
-             f"{payload['weights']}{'; ' + payload['note'] if payload.get('note') else ''}).",
-             "", head, "|" + "---|" * (head.count("|") - 1)]
+    lines = [f"{shape.upper()} rows: one run of `.venv-serve/bin/python {run['command']}` ({run['machine']}; "
+             f"{_cpu_line(run)}; read bandwidth {run['read_bandwidth_gb_s']} GB/s; {run['wall_s'] / 60:.0f} min"
+             f"{'; ' + run['note'] if run.get('note') else ''})." for shape, run in payload["runs"].items()]
+    vllm = payload["settings"].get("vllm")
+    lines = [" ".join(lines) + f" Weights: {payload['weights']}." + (f" vLLM: {vllm}." if vllm else ""), "", head,
+             "|" + "---|" * (head.count("|") - 1)]
     rows: dict[tuple[str, str, str], dict] = {}
     for r in payload["results"]:
-        label = r["format"] + (f", TP {r['tensor_parallel_size']}" if r.get("tensor_parallel_size", 1) > 1 else "")
-        label += " (†)" if r.get("extra_buffers") is False else ""
+        name = r["format"] + (f", TP {r['tensor_parallel_size']}" if r.get("tensor_parallel_size", 1) > 1 else "")
+        label = name + (" (†)" if r.get("extra_buffers") is False else "")
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['engine']} | {label} | fails: {r['error'].split(' (log')[0][:120]} | | | | | |")
             continue
-        rows[(r["shape"], r["engine"], label)] = r
+        rows[(r["shape"], r["engine"], name)] = r
         lines.append(f"| {r['shape']} | {r['engine']} | {label} | {r['decode_tok_s_bs1']:.2f} "
                      f"| {_num(r.get('decode_tok_s_bs8'))} | {r['prefill_tok_s']:.1f} | {r['read_bytes'] / 2**20:.0f} MiB "
                      f"| {r['bound_tok_s']:.2f} | {100 * r['of_bound_bs1']:.0f}% |")

@@ -10,7 +10,9 @@ Rows, each in a fresh child process:
 * vLLM (``benchmarks/serve_throughput.py``'s child: decode tok/s at batch 1 and 8, prefill tok/s,
   the weight bytes the worker holds): bf16; W4A16 group 128 (the format GPTQ writes, stock vLLM
   kernel); GSQ W3 and W2 group 128 through the plugin's default CPU kernel; GSQ W2 with
-  ``--tensor-parallel-size 2`` on the 1B shape (one core per rank).
+  ``--tensor-parallel-size 2`` on the 1B shape (one core per rank). torch.compile on, as
+  ``vllm serve`` runs on the CPU by default (``serve_throughput.py``'s own rows run eager), and
+  every core computing (``VLLM_CPU_OMP_THREADS_BIND``, see :func:`threads_binding`).
 * llama.cpp through llama-cpp-python (``scripts/setup.sh --llama-cpp`` builds it for this CPU into
   ``.venv-llamacpp``): GGUF F16, Q4_0, Q3_K_S, Q2_K written from the same bf16 safetensors by
   llama.cpp's own ``convert_hf_to_gguf.py`` and quantizer. Batch 1 decode and prefill only: its
@@ -48,6 +50,8 @@ LLAMA_CHILD = Path(__file__).resolve().parent / "llama_cpp_child.py"
 GGUF_TYPES = {"f16": 1, "q4_0": 2, "q3_k_s": 11, "q2_k": 10}
 VLLM_KINDS = ("bf16", "gptq-w4", "gsq-w3", "gsq-w2")
 LLAMA_CHILD_TIMEOUT_S = 1800
+VLLM_SETTINGS = ("torch.compile on (vLLM's CPU default: no --enforce-eager), bf16, every core computing "
+                 "(VLLM_CPU_OMP_THREADS_BIND, as llama.cpp's threads)")
 #: tokens per decode run and repeats per timing: an 8B bf16 step takes about a second on 2 cores
 BUDGET = {"1b": {"new_tokens": 64, "repeats": 3}, "8b": {"new_tokens": 16, "repeats": 2}}
 
@@ -148,12 +152,14 @@ def run_llama(shape: str, gguf_type: str, convert_script: Path, log_dir: Path) -
     return {**record, "error": f"exit {result.returncode} (log {log})"}
 
 
-def two_ranks_binding(cores: int | None = None) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for two ranks: each rank half of the cores ("0|1" on 2 cores)."""
+def threads_binding(ranks: int, cores: int | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND giving ``ranks`` ranks equal shares of every core ("0-1" for one rank
+    on 2 cores, "0|1" for two). Set for every row: vLLM's default ("auto") keeps one core of a small
+    machine for its scheduler, so one worker would compute on 1 of 2 cores while llama.cpp uses both."""
     cores = cores or os.cpu_count() or 2
-    half = max(1, cores // 2)
     span = lambda first, last: str(first) if first == last else f"{first}-{last}"  # noqa: E731
-    return f"{span(0, half - 1)}|{span(half, max(half, cores - 1))}"
+    bounds = [round(i * cores / ranks) for i in range(ranks + 1)]
+    return "|".join(span(bounds[i], max(bounds[i], bounds[i + 1] - 1)) for i in range(ranks))
 
 
 def vllm_configs(shape: str, tensor_parallel: bool) -> list[dict]:
@@ -161,11 +167,11 @@ def vllm_configs(shape: str, tensor_parallel: bool) -> list[dict]:
     for kind in VLLM_KINDS:
         kernel = {"bf16": "stock (dense bf16)", "gptq-w4": "stock (vLLM W4A16)"}.get(kind, "plugin default")
         configs.append({"engine": "vLLM", "shape": shape, "model": f"{shape}-{kind}", "kernel": kernel, "format": kind,
-                        "env": {}, **BUDGET[shape]})
+                        "env": {"VLLM_CPU_OMP_THREADS_BIND": threads_binding(1)}, "compile": True, **BUDGET[shape]})
     if tensor_parallel:
         configs.append({"engine": "vLLM", "shape": shape, "model": f"{shape}-gsq-w2", "format": "gsq-w2",
                         "kernel": "plugin default, tensor parallel 2", "tensor_parallel_size": 2,
-                        "env": {"VLLM_CPU_OMP_THREADS_BIND": two_ranks_binding()}, **BUDGET[shape]})
+                        "env": {"VLLM_CPU_OMP_THREADS_BIND": threads_binding(2)}, "compile": True, **BUDGET[shape]})
     return configs
 
 
@@ -180,6 +186,23 @@ def add_bounds(record: dict, bandwidth: float) -> dict:
         return record
     bound = bandwidth / record["read_bytes"]
     return {**record, "bound_tok_s": round(bound, 2), "of_bound_bs1": round(record["decode_tok_s_bs1"] / bound, 3)}
+
+
+def merge_runs(previous: dict, shapes: list[str], results: list[dict], run: dict) -> dict:
+    """The results file after a run of ``shapes``: their rows replaced, other shapes' rows kept with
+    the run (machine, bandwidth, note) that measured them, so 1B and 8B can be measured in two sittings."""
+    runs = {shape: kept for shape, kept in previous.get("runs", {}).items() if shape not in shapes}
+    runs.update({shape: {**run, "budget": BUDGET[shape]} for shape in shapes})
+    kept = [r for r in previous.get("results", []) if r["shape"] not in shapes]
+    return {
+        "device": "cpu",
+        "weights": "random (benchmarks/random_llama.py): speed only, no accuracy",
+        "shapes": {shape: random_llama.MODEL_SHAPES[shape] for shape in runs},
+        "settings": {"prefill": f"{serve_throughput.PREFILL_PROMPTS} x {serve_throughput.PREFILL_LEN} tokens",
+                     "group_size": random_llama.GROUP_SIZE, "vllm": VLLM_SETTINGS},
+        "runs": runs,
+        "results": kept + results,
+    }
 
 
 def format_table(results: list[dict]) -> str:
@@ -221,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             config["path"] = str(vllm_checkpoint(shape, config["format"]))
             record = serve_throughput.run_config(config, log_dir)
             record = {**record, "engine": "vLLM", "shape": shape, "format": config["format"],
-                      "tensor_parallel_size": config.get("tensor_parallel_size", 1)}
+                      "tensor_parallel_size": config.get("tensor_parallel_size", 1),
+                      "omp_threads_bind": config["env"]["VLLM_CPU_OMP_THREADS_BIND"], "torch_compile": config["compile"]}
             if "error" not in record:
                 record["read_bytes"] = vllm_read_bytes(shape, record["weight_bytes"])
             results.append(add_bounds(record, bandwidth))
@@ -238,21 +262,15 @@ def main(argv: list[str] | None = None) -> int:
             record = run_llama(shape, gguf_type, args.convert_script, log_dir)
             results.append(add_bounds(record, bandwidth))
             print("   " + json.dumps(results[-1]), flush=True)
-    payload = {
-        "device": "cpu",
+    out = args.out / "serve_shapes_cpu.json"
+    payload = merge_runs(json.loads(out.read_text()) if out.exists() else {}, args.shapes, results, {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "cpu": cpu_description(),
-        "weights": "random (benchmarks/random_llama.py): speed only, no accuracy",
-        "shapes": {shape: random_llama.MODEL_SHAPES[shape] for shape in args.shapes},
         "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
-        "settings": {"decode": {shape: BUDGET[shape] for shape in args.shapes},
-                     "prefill": f"{serve_throughput.PREFILL_PROMPTS} x {serve_throughput.PREFILL_LEN} tokens",
-                     "group_size": random_llama.GROUP_SIZE},
+        "command": "benchmarks/serve_shapes.py --shapes " + " ".join(args.shapes + (["--skip", *args.skip] if args.skip else [])),
         "note": args.note,
         "wall_s": round(time.perf_counter() - began, 1),
-        "results": results,
-    }
-    out = args.out / "serve_shapes_cpu.json"
+    })
     write_json_atomic(out, payload)
     print(format_table(results))
     print(f"written {out}")

@@ -88,7 +88,7 @@ def run_child(spec: dict) -> dict:
         model=spec["path"],
         dtype="bfloat16",
         max_model_len=2048,
-        enforce_eager=on_cpu,
+        enforce_eager=on_cpu and not spec.get("compile", False),  # CPU rows of this file: eager unless asked
         tensor_parallel_size=spec.get("tensor_parallel_size", 1),
         enable_prefix_caching=False,
         seed=0,
@@ -205,7 +205,7 @@ def run_config(config: dict, log_dir: Path) -> dict:
     result_file = log.with_suffix(".json")
     result_file.unlink(missing_ok=True)
     spec = {"path": str(config.get("path") or checkpoint(config["model"])), "result_file": str(result_file),
-            **{key: config[key] for key in ("tensor_parallel_size", "new_tokens", "repeats") if key in config}}
+            **{key: config[key] for key in ("tensor_parallel_size", "new_tokens", "repeats", "compile") if key in config}}
     env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": "2",

@@ -27,7 +27,19 @@ def test_the_bound_is_bandwidth_over_bytes_and_an_error_row_stays_an_error(serve
     assert serve_shapes.add_bounds({"error": "x"}, 20e9) == {"error": "x"}
 
 
-def test_two_ranks_get_half_the_cores_each(serve_shapes):
-    assert serve_shapes.two_ranks_binding(2) == "0|1"
-    assert serve_shapes.two_ranks_binding(16) == "0-7|8-15"
-    assert serve_shapes.two_ranks_binding(3) == "0|1-2"
+def test_every_row_computes_on_every_core_split_evenly_between_ranks(serve_shapes):
+    assert serve_shapes.threads_binding(1, 2) == "0-1"  # not vLLM's default, which keeps a core back
+    assert serve_shapes.threads_binding(2, 2) == "0|1"
+    assert serve_shapes.threads_binding(2, 16) == "0-7|8-15"
+    assert serve_shapes.threads_binding(2, 3) == "0-1|2"
+    assert serve_shapes.threads_binding(1, 1) == "0"
+
+
+def test_a_run_of_one_shape_keeps_the_other_shapes_rows_and_their_run(serve_shapes):
+    first = serve_shapes.merge_runs({}, ["1b"], [{"shape": "1b", "format": "bf16"}], {"note": "first"})
+    second = serve_shapes.merge_runs(first, ["8b"], [{"shape": "8b", "format": "gsq-w2"}], {"note": "second"})
+    assert [r["shape"] for r in second["results"]] == ["1b", "8b"]
+    assert second["runs"]["1b"]["note"] == "first" and second["runs"]["8b"]["budget"] == serve_shapes.BUDGET["8b"]
+    again = serve_shapes.merge_runs(second, ["1b"], [{"shape": "1b", "format": "gsq-w3"}], {"note": "third"})
+    assert [(r["shape"], r["format"]) for r in again["results"]] == [("8b", "gsq-w2"), ("1b", "gsq-w3")]
+    assert set(again["shapes"]) == {"1b", "8b"} and again["runs"]["1b"]["note"] == "third"

@@ -65,6 +65,20 @@ def test_vllm_serve_matches_transformers(kind, bits, tmp_path):
     assert not problems, "\n".join(problems)
 
 
+def test_vllm_serve_with_torch_compile_matches_transformers(tmp_path):
+    """vLLM's CPU default compiles the model (no --enforce-eager): the plugin's C++ ops inside the
+    compiled graph give the same greedy tokens (benchmarks/serve_shapes.py measures this mode)."""
+    model = get_checkpoint("gsq-w3")
+    prompts = prompt_ids(model)
+    args = [arg for arg in FP32_ARGS if arg != "--enforce-eager"]
+    with VLLMServer(model, tmp_path / "serve-compiled.log", extra_args=args, startup_timeout=900) as server:
+        served = [server.complete(ids, NEW_TOKENS, timeout=300)["choices"][0]["token_ids"] for ids in prompts]
+        log = server.log_tail(200_000)
+    assert "enforce_eager=False" in log and f"GSQ: using kernel {default_cpu_kernel()}" in log, log[-3000:]
+    problems = compare_greedy(served, transformers_greedy(model, prompts))
+    assert not problems, "\n".join(problems)
+
+
 @pytest.mark.parametrize("kind,layout", [("gsq-made-w3", PackLayout.DENSE), ("gsq-made-w3-old", PackLayout.WORD_ALIGNED)])
 def test_a_checkpoint_that_gsq_wrote_serves_in_both_layouts(kind, layout, tmp_path):
     """GSQModifier's own output (a short budget; negative scales included), served as written and
