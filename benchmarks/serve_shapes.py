@@ -188,6 +188,37 @@ def add_bounds(record: dict, bandwidth: float) -> dict:
     return {**record, "bound_tok_s": round(bound, 2), "of_bound_bs1": round(record["decode_tok_s_bs1"] / bound, 3)}
 
 
+def vllm_rows(shape: str, configs: list[dict], log_dir: Path, bandwidth: float) -> list[dict]:
+    rows = []
+    for config in configs:
+        print(f"== {config['model']} / {config['kernel']}", flush=True)
+        config["path"] = str(vllm_checkpoint(shape, config["format"]))
+        record = serve_throughput.run_config(config, log_dir)
+        record = {**record, "engine": "vLLM", "shape": shape, "format": config["format"],
+                  "tensor_parallel_size": config.get("tensor_parallel_size", 1),
+                  "omp_threads_bind": config["env"]["VLLM_CPU_OMP_THREADS_BIND"], "torch_compile": config["compile"]}
+        if "error" not in record:
+            record["read_bytes"] = vllm_read_bytes(shape, record["weight_bytes"])
+        rows.append(add_bounds(record, bandwidth))
+        print("   " + json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def llama_rows(shape: str, gguf_types: list[str], convert_script: Path, log_dir: Path, bandwidth: float,
+               ready: bool) -> list[dict]:
+    rows = []
+    for gguf_type in gguf_types:
+        print(f"== {shape} llama.cpp {gguf_type}", flush=True)
+        if not ready:
+            rows.append({"engine": "llama.cpp", "shape": shape, "model": f"{shape}-{gguf_type}", "format": gguf_type,
+                         "kernel": f"llama.cpp {gguf_type.upper()}",
+                         "error": f"llama.cpp not installed ({LLAMA_PYTHON}): run scripts/setup.sh --llama-cpp"})
+            continue
+        rows.append(add_bounds(run_llama(shape, gguf_type, convert_script, log_dir), bandwidth))
+        print("   " + json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def merge_runs(previous: dict, shapes: list[str], results: list[dict], run: dict) -> dict:
     """The results file after a run of ``shapes``: their rows replaced, other shapes' rows kept with
     the run (machine, bandwidth, note) that measured them, so 1B and 8B can be measured in two sittings."""
@@ -237,31 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     llama_ready = LLAMA_PYTHON.is_file() and args.convert_script.is_file()
     results, began = [], time.perf_counter()
     for shape in args.shapes:
-        for config in vllm_configs(shape, tensor_parallel=shape == "1b"):
-            if config["format"] in args.skip:
-                continue
-            print(f"== {config['model']} / {config['kernel']}", flush=True)
-            config["path"] = str(vllm_checkpoint(shape, config["format"]))
-            record = serve_throughput.run_config(config, log_dir)
-            record = {**record, "engine": "vLLM", "shape": shape, "format": config["format"],
-                      "tensor_parallel_size": config.get("tensor_parallel_size", 1),
-                      "omp_threads_bind": config["env"]["VLLM_CPU_OMP_THREADS_BIND"], "torch_compile": config["compile"]}
-            if "error" not in record:
-                record["read_bytes"] = vllm_read_bytes(shape, record["weight_bytes"])
-            results.append(add_bounds(record, bandwidth))
-            print("   " + json.dumps(results[-1]), flush=True)
-        for gguf_type in GGUF_TYPES:
-            if gguf_type in args.skip:
-                continue
-            print(f"== {shape} llama.cpp {gguf_type}", flush=True)
-            if not llama_ready:
-                results.append({"engine": "llama.cpp", "shape": shape, "model": f"{shape}-{gguf_type}", "format": gguf_type,
-                                "kernel": f"llama.cpp {gguf_type.upper()}",
-                                "error": f"llama.cpp not installed ({LLAMA_PYTHON}): run scripts/setup.sh --llama-cpp"})
-                continue
-            record = run_llama(shape, gguf_type, args.convert_script, log_dir)
-            results.append(add_bounds(record, bandwidth))
-            print("   " + json.dumps(results[-1]), flush=True)
+        # llama.cpp first: where the F16 row is skipped, its GGUF (the quantizer's input, 2 bytes a
+        # weight) goes before vLLM's checkpoints are written: an 8B run peaks at ~41 GB of disk, not ~55
+        llama = llama_rows(shape, [t for t in GGUF_TYPES if t not in args.skip], args.convert_script, log_dir,
+                           bandwidth, llama_ready)
+        if "f16" in args.skip:
+            (shape_dir(shape) / "gguf" / f"{shape}-f16.gguf").unlink(missing_ok=True)
+        results += vllm_rows(shape, [c for c in vllm_configs(shape, shape == "1b") if c["format"] not in args.skip],
+                             log_dir, bandwidth) + llama
     out = args.out / "serve_shapes_cpu.json"
     payload = merge_runs(json.loads(out.read_text()) if out.exists() else {}, args.shapes, results, {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
