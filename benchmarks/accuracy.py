@@ -21,6 +21,11 @@ README's table is generated from the JSON (benchmarks/readme_tables.py).
     .venv/bin/python benchmarks/accuracy.py --methods fp gptq3 gsq3
     .venv/bin/python benchmarks/accuracy.py --cached-only           # tables from what is cached
     .venv/bin/python benchmarks/accuracy.py --model moe             # the MoE model's rows
+    .venv/bin/python benchmarks/accuracy.py --seeds 0 1 --methods gsq3 autoround3   # error bars
+
+``--seeds``: GSQ and AutoRound rows run once per seed (the calibration order, and GSQ's own noise)
+and are reported as their mean with each seed's figures and the spread; seed 0 is the row as
+cached without the flag.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ SOURCES = ["gsq_vllm/compress/quantize.py", "gsq_vllm/data.py", "gsq_vllm/files.
            "gsq_vllm/evaluation.py", "gsq_vllm/packing.py", "gsq_vllm/weight_format.py", "gsq_vllm/recipes/__init__.py"]
 # GSQ's own modules: only GSQ rows run them, so editing them recomputes only those rows
 GSQ_SOURCES = ["gsq_vllm/gsq/*.py", "gsq_vllm/compress/gsq_modifier.py", "gsq_vllm/compress/end_to_end_modifier.py"]
+#: rows run at every seed of --seeds: the calibration order (llmcompressor shuffles with torch's seed) and
+#: GSQ's noise change with it
+SEEDED_METHODS = ("gsq", "autoround")
 LIBRARIES = ["torch", "transformers", "compressed-tensors", "llmcompressor", "auto-round"]
 
 
@@ -113,6 +121,9 @@ ABLATIONS: dict[str, Method] = {
                             label="default with 200 layer-wise steps (twice the tokens per layer)", ablation=True),
     "gsq3-e2e150": Method("gsq", 3, "gsq_w3a16_g64", {"GSQEndToEndModifier": {"steps": 150}},
                           label="default with 150 end-to-end steps (the 2-bit recipe's budget)", ablation=True),
+    "gsq3-e2e-best": Method("gsq", 3, "gsq_w3a16_g64", {"GSQEndToEndModifier": {"keep_best_every": 10}},
+                            label="default, end-to-end stage ending on its best held-out step of every 10",
+                            ablation=True),
     "gsq3-mlp-blocks": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"blocks": ["re:.*mlp$"]}, **_LAYERWISE},
                               label="previous design: MLP blocks + per-projection Hessian objective", ablation=True),
     "gsq3-clipped-grid": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"scale_init": "symmetric"}, **_LAYERWISE},
@@ -182,8 +193,9 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def edited_recipe(name: str, settings: dict) -> dict | None:
-    """The recipe a row runs: its YAML with the group size and the row's option changes applied."""
+def edited_recipe(name: str, settings: dict, seed: int = 0) -> dict | None:
+    """The recipe a row runs: its YAML with the group size, the row's option changes and (GSQ) the
+    seed applied."""
     from gsq_vllm.recipes import edit_recipe, load_recipe, set_modifier_options
 
     spec = ALL[name]
@@ -192,6 +204,12 @@ def edited_recipe(name: str, settings: dict) -> dict | None:
     recipe = edit_recipe(load_recipe(spec.recipe), group_size=settings["group_size"])
     for modifier, options in spec.options.items():
         set_modifier_options(recipe, modifier, **options)
+    if seed and spec.method == "gsq":  # GSQ's own noise (Gumbel samples, end-to-end batches); seed 0: the YAML's
+        for modifier in ("GSQModifier", "GSQEndToEndModifier"):
+            try:
+                set_modifier_options(recipe, modifier, seed=seed)
+            except ValueError:  # a recipe without an end-to-end stage
+                pass
     return recipe
 
 
@@ -199,10 +217,38 @@ def calibration_of(name: str, settings: dict) -> dict:
     return {**settings["calibration"], **ALL[name].calibration}
 
 
-def cache_key(name: str, settings: dict, recipe: dict | None) -> str:
+def cache_key(name: str, settings: dict, recipe: dict | None, seed: int = 0) -> str:
     payload = {"name": name, "settings": settings, "calibration": calibration_of(name, settings), "recipe": recipe,
                "sources": source_digest(sources_of(name)), "libraries": library_versions()}
+    if seed:  # seed 0 keeps the key every row had before seeds existed
+        payload["seed"] = seed
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_file(name: str, settings: dict, recipe: dict | None, seed: int = 0) -> Path:
+    return CACHE / f"{name}{f'-seed{seed}' if seed else ''}-{cache_key(name, settings, recipe, seed)}.json"
+
+
+def seeds_of(name: str, seeds: list[int]) -> list[int]:
+    """The seeds a row runs at: GSQ and AutoRound rows at every seed asked for, the others at 0
+    (round to nearest and GPTQ do not depend on the calibration order beyond rounding)."""
+    return seeds if ALL[name].method in SEEDED_METHODS else [0]
+
+
+def combine_seeds(records: list[dict]) -> dict:
+    """One row from its runs at several seeds: CE, EAR, KL and time averaged (perplexities from the
+    mean CE), peak memory the largest, each seed's figures and the CE spread (max - min) kept."""
+    if len(records) == 1:
+        return records[0]
+    row = dict(records[0])
+    for key in ("ce", "ce_news", "ear", "ear_news", "kl", "kl_news", "quant_seconds"):
+        row[key] = sum(r[key] for r in records) / len(records)
+    row["ppl"], row["ppl_news"] = math.exp(row["ce"]), math.exp(row["ce_news"])
+    row["peak_mem_mb"] = max((r["peak_mem_mb"] for r in records if r["peak_mem_mb"] is not None), default=None)
+    row["seeds"] = {str(r.get("seed", 0)): {k: r[k] for k in ("ce", "ce_news", "ppl", "ppl_news", "quant_seconds")}
+                    for r in records}
+    row["spread"] = {key: max(r[key] for r in records) - min(r[key] for r in records) for key in ("ce", "ce_news")}
+    return row
 
 
 class DiskCachedReference(torch.nn.Module):
@@ -230,7 +276,7 @@ class DiskCachedReference(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
-def run_one(name: str, settings: dict, recipe: dict | None, out_file: Path) -> None:
+def run_one(name: str, settings: dict, recipe: dict | None, out_file: Path, seed: int = 0) -> None:
     """Child process: quantize (unless fp), evaluate on both texts, write one JSON record."""
     from transformers import AutoTokenizer
 
@@ -246,7 +292,7 @@ def run_one(name: str, settings: dict, recipe: dict | None, out_file: Path) -> N
               "group_size": settings["group_size"] if spec.method != "fp" else None,
               "bpp": bits_per_parameter(spec.bits, settings["group_size"]), "quant_seconds": 0.0, "peak_mem_mb": None,
               "calibration": calibration, "recipe": recipe, "threads": torch.get_num_threads(),
-              "cpu": cpu_description()}
+              "cpu": cpu_description(), **({"seed": seed} if seed else {})}
     if spec.method == "fp":
         candidate_dir = model_dir
     else:
@@ -255,7 +301,7 @@ def run_one(name: str, settings: dict, recipe: dict | None, out_file: Path) -> N
         candidate_dir = data.cache_dir() / "checkpoints" / f"bench-{name}"
         result = quantize(model_dir, recipe, candidate_dir, calibration_samples=calibration["samples"],
                           calibration_seq_len=calibration["seq_len"], calibration_spread=calibration["spread"],
-                          overwrite=True)
+                          seed=seed, overwrite=True)
         record.update(quant_seconds=result.seconds, peak_mem_mb=result.peak_mem_mb, checkpoint=str(candidate_dir),
                       gsq_layers=[{k: v for k, v in row.items() if k != "codes_sha1"} for row in result.report])
         del result
@@ -379,40 +425,50 @@ def main() -> int:
     parser.add_argument("--news-windows", type=int, default=4)
     parser.add_argument("--cached-only", action="store_true",
                         help="write the results from the rows already cached; compute nothing")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="GSQ and AutoRound rows run at each seed (calibration order, GSQ's noise) and are "
+                             "reported as the mean, with each seed's figures and the spread")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # child mode: the row's seed
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode: row name
     parser.add_argument("--recipe-json", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     settings = settings_of(args)
     if args.one:
-        run_one(args.one, settings, json.loads(args.recipe_json) if args.recipe_json else None, Path(args.out))
+        run_one(args.one, settings, json.loads(args.recipe_json) if args.recipe_json else None, Path(args.out),
+                args.seed)
         return 0
 
     CACHE.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = {}
     for name in args.methods or [name for name, spec in ALL.items() if spec.model == args.model]:
-        recipe = edited_recipe(name, settings)
-        if ALL[name].match_time_of:
-            iters = matched_iterations(name, records)
-            if iters is None:
-                print(f"[accuracy] {name}: skipped (needs {ALL[name].match_time_of} and autoround{ALL[name].bits} first)")
-                continue
-            from gsq_vllm.recipes import set_modifier_options
+        runs = []
+        for seed in seeds_of(name, args.seeds):
+            label = name + (f" (seed {seed})" if seed else "")
+            recipe = edited_recipe(name, settings, seed)
+            if ALL[name].match_time_of:
+                iters = matched_iterations(name, records)
+                if iters is None:
+                    print(f"[accuracy] {label}: skipped (needs {ALL[name].match_time_of} and autoround{ALL[name].bits} first)")
+                    continue
+                from gsq_vllm.recipes import set_modifier_options
 
-            set_modifier_options(recipe, "AutoRoundModifier", iters=iters)
-        cached = CACHE / f"{name}-{cache_key(name, settings, recipe)}.json"
-        if not cached.exists() and args.cached_only:
-            print(f"[accuracy] {name}: not cached, left out")
-            continue
-        if not cached.exists():
-            print(f"[accuracy] running {name} ...", flush=True)
-            start = time.time()
-            subprocess.run([sys.executable, __file__, *_passthrough(), "--one", name, "--recipe-json",
-                            json.dumps(recipe) if recipe else "", "--out", str(cached)], check=True)
-            print(f"[accuracy] {name} done in {time.time() - start:.0f} s", flush=True)
-        else:
-            print(f"[accuracy] {name}: cached ({cached.name})")
-        records[name] = json.loads(cached.read_text())
+                set_modifier_options(recipe, "AutoRoundModifier", iters=iters)
+            cached = cache_file(name, settings, recipe, seed)
+            if not cached.exists() and args.cached_only:
+                print(f"[accuracy] {label}: not cached, left out")
+                continue
+            if not cached.exists():
+                print(f"[accuracy] running {label} ...", flush=True)
+                start = time.time()
+                subprocess.run([sys.executable, __file__, *_passthrough(), "--one", name, "--seed", str(seed),
+                                "--recipe-json", json.dumps(recipe) if recipe else "", "--out", str(cached)], check=True)
+                print(f"[accuracy] {label} done in {time.time() - start:.0f} s", flush=True)
+            else:
+                print(f"[accuracy] {label}: cached ({cached.name})")
+            runs.append(json.loads(cached.read_text()))
+        if runs:
+            records[name] = combine_seeds(runs)
     for model in ("dense", "moe"):
         rows = [record for name, record in records.items() if ALL[name].model == model]
         if rows:
@@ -466,7 +522,7 @@ def _passthrough() -> list[str]:
                 skip = False
             else:
                 continue
-        if arg == "--methods":
+        if arg in ("--methods", "--seeds"):
             skip = True
             continue
         out.append(arg)

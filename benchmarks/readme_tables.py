@@ -49,6 +49,16 @@ def autoround_peer(rows: list[dict], bits) -> str | None:
     return min(candidates, key=lambda r: r["ce"])["name"] if candidates else None
 
 
+def _ppl(row: dict, suffix: str = "") -> str:
+    """A row's perplexity; over several seeds their mean, +- half the range of the seeds' values."""
+    text = _num(row[f"ppl{suffix}"])
+    seeds = row.get("seeds")
+    if seeds and len(seeds) > 1:
+        values = [seed[f"ppl{suffix}"] for seed in seeds.values()]
+        text += f" ±{_num((max(values) - min(values)) / 2)} ({len(values)} seeds)"
+    return text
+
+
 def accuracy_tables(payload: dict, moe: bool = False) -> dict[str, str]:
     """The accuracy and ablation tables of the dense model's results, or the MoE model's accuracy table."""
     rows = payload["results"]
@@ -76,8 +86,8 @@ def accuracy_tables(payload: dict, moe: bool = False) -> dict[str, str]:
         ratios = [f"{_ratio(r, f'gap_over_{peer}')}, {_ratio(r, f'gap_news_over_{peer}')}"
                   for peer in (f"gptq{bits}{suffix}", f"gptq{bits}{suffix}-mse", peers.get(bits))]
         lines.append("| " + " | ".join([
-            f"**{r['name']}**" if r["method"] == "gsq" else r["name"], r["label"], str(bits), _num(r["ppl"]),
-            _num(r["ppl_news"]), f"{r['ear']:.3f}", *ratios, f"{r['quant_seconds']:.0f}",
+            f"**{r['name']}**" if r["method"] == "gsq" else r["name"], r["label"], str(bits), _ppl(r),
+            _ppl(r, "_news"), f"{r['ear']:.3f}", *ratios, f"{r['quant_seconds']:.0f}",
             "-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"]) + " |")
     named = [f"{bits}-bit: {peer}" for bits, peer in peers.items() if peer]
     if named:
@@ -94,7 +104,7 @@ def accuracy_tables(payload: dict, moe: bool = False) -> dict[str, str]:
                       "|---|---|---|---|---|---|---|"]
     for r in ablations:
         gaps = f"{r['gap']:.3f}, {r['gap_news']:.3f}" if "gap" in r else "-"
-        ablation_lines.append(f"| {r['name']} | {r['label']} | {_num(r['ppl'])} | {_num(r['ppl_news'])} | {gaps} "
+        ablation_lines.append(f"| {r['name']} | {r['label']} | {_ppl(r)} | {_ppl(r, '_news')} | {gaps} "
                               f"| {r['ear']:.3f} | {r['quant_seconds']:.0f} |")
     if moe:
         return {"moe-accuracy-table": head + "\n".join(lines)}

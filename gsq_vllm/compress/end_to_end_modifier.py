@@ -76,6 +76,8 @@ class GSQEndToEndModifier(Modifier):
         of one layer's activations and weights instead of the whole model's, for one more forward.
     :param positions_per_chunk: positions whose full-vocabulary logits exist at once (the KL is
         computed chunk by chunk; the result is the same up to rounding order).
+    :param keep_best_every: check the held-out KL every this many steps and end with the best
+        scales seen (0: only the end is checked, against the start).
     """
 
     requires_calibration_data: bool = True
@@ -90,6 +92,7 @@ class GSQEndToEndModifier(Modifier):
     cache_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     checkpoint_layers: bool = True
     positions_per_chunk: int = Field(default=128, ge=1)
+    keep_best_every: int = Field(default=0, ge=0)
 
     _input_ids: list[torch.Tensor] = PrivateAttr(default_factory=list)
     _teacher_hidden: list[torch.Tensor] = PrivateAttr(default_factory=list)
@@ -169,7 +172,8 @@ class GSQEndToEndModifier(Modifier):
 
         begin = time.time()
         config = EndToEndConfig(steps=self.steps, lr=self.lr, items_per_step=self.sequences_per_step,
-                                holdout=self.holdout, seed=self.seed, positions_per_chunk=self.positions_per_chunk)
+                                holdout=self.holdout, seed=self.seed, positions_per_chunk=self.positions_per_chunk,
+                                keep_best_every=self.keep_best_every)
         # the whole tuning (its backward passes included) runs inside these contexts, so a layer
         # recomputed by gradient checkpointing sees the same weights as its forward did
         with torch.enable_grad(), DisableQuantization(model), \
@@ -184,7 +188,8 @@ class GSQEndToEndModifier(Modifier):
                 update_offload_parameter(module, "weight", dequantize(codes[name], scales.float()).to(module.weight.dtype))
         seconds = time.time() - begin
         self._report = dict(initial_kl=result.initial_kl, final_kl=result.final_kl, kept_initial=result.kept_initial,
-                            seconds=seconds, layers=len(linears), norms=len(norms), steps=self.steps)
+                            seconds=seconds, layers=len(linears), norms=len(norms), steps=self.steps,
+                            best_step=result.best_step, held_out=result.held_out)
         logger.info(f"GSQ end to end: held-out KL {result.initial_kl:.4g} -> {result.final_kl:.4g}"
                     f"{' (kept the start)' if result.kept_initial else ''} over {len(linears)} layers"
                     f"{f' and {len(norms)} norms' if norms else ''} in {seconds:.0f}s")

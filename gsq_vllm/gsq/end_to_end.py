@@ -48,9 +48,13 @@ class EndToEndConfig:
     holdout: float = 0.1  # fraction of the items kept out of training for the final check
     seed: int = 0
     positions_per_chunk: int = 128  # positions whose full-vocabulary logits exist at once
+    #: check the held-out KL every this many steps and end with the best parameters seen, as
+    #: AutoRound keeps its best iteration (0: the end alone is checked against the start)
+    keep_best_every: int = 0
 
     def __post_init__(self):
-        if self.steps < 0 or self.items_per_step < 1 or self.lr <= 0 or self.positions_per_chunk < 1:
+        if (self.steps < 0 or self.items_per_step < 1 or self.lr <= 0 or self.positions_per_chunk < 1
+                or self.keep_best_every < 0):
             raise ValueError(f"invalid end-to-end settings: {self}")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be a fraction in [0, 1), got {self.holdout}")
@@ -62,6 +66,8 @@ class EndToEndResult:
     final_kl: float
     kept_initial: bool
     history: list[float] = field(default_factory=list)
+    best_step: int | None = None  # steps taken by the parameters returned (None: the start)
+    held_out: dict[int, float] = field(default_factory=dict)  # steps taken -> held-out KL, every check
 
 
 def kl_divergence(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tensor) -> torch.Tensor:
@@ -155,7 +161,8 @@ def tune_end_to_end(
     ``head`` (``teacher_head``, default the same) maps hidden states to logits; the identity (the
     default) lets the callables return logits directly.
     The last ``config.holdout`` of the items are never trained on; if the trained parameters do
-    not lower the KL there, they are restored to their start.
+    not lower the KL there, they are restored to their start (with ``config.keep_best_every``, to
+    the best of the start, the end and every checked step).
     """
     if count < 1:
         raise ValueError("end-to-end tuning needs at least one calibration item")
@@ -176,7 +183,9 @@ def tune_end_to_end(
 
     initial = held_out_kl()
     if config.steps == 0:
-        return EndToEndResult(initial, initial, kept_initial=True)
+        return EndToEndResult(initial, initial, kept_initial=True, held_out={0: initial})
+    best_kl, best_step, best = initial, None, start
+    checks = {0: initial}
     shared = distributed.RankSharedParameters(parameters)  # the model's own weights under torchrun
     optimizer = torch.optim.Adam(shared.trainable, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -195,13 +204,24 @@ def tune_end_to_end(
         optimizer.step()
         shared.after_step()
         history.append(loss)
+        taken = step + 1
+        if config.keep_best_every and taken % config.keep_best_every == 0 and taken < config.steps:
+            checks[taken] = held_out_kl()
+            if checks[taken] < best_kl:
+                best_kl, best_step, best = checks[taken], taken, [p.detach().clone() for p in parameters]
     distributed.broadcast_from_first([p for p in parameters if not p.is_shared()])  # identical already; bit-identical for sure
-    final = held_out_kl()
-    if not final < initial:
+    final = checks[config.steps] = held_out_kl()
+    if final < best_kl:
+        return EndToEndResult(initial, final, kept_initial=False, history=history, best_step=config.steps,
+                              held_out=checks)
+    if best_step is None:
         logger.info("end-to-end tuning: held-out KL %.5g did not beat its start %.5g; keeping the start", final, initial)
-        distributed.barrier()  # every rank has read the trained values for its held-out check
-        with torch.no_grad():
-            for parameter, value in zip(parameters, start):
-                parameter.copy_(value)
-        return EndToEndResult(initial, initial, kept_initial=True, history=history)
-    return EndToEndResult(initial, final, kept_initial=False, history=history)
+    else:
+        logger.info("end-to-end tuning: held-out KL %.5g at the end, %.5g after step %d; keeping step %d",
+                    final, best_kl, best_step, best_step)
+    distributed.barrier()  # every rank has read the trained values for its held-out check
+    with torch.no_grad():
+        for parameter, value in zip(parameters, best):
+            parameter.copy_(value)
+    return EndToEndResult(initial, best_kl, kept_initial=best_step is None, history=history, best_step=best_step,
+                          held_out=checks)

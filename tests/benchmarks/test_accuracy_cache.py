@@ -5,6 +5,7 @@ and editing GSQ's own modules leaves the baselines' records (GPTQ, AutoRound: ho
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -76,3 +77,31 @@ def test_the_moe_rows_keep_the_router_and_key_on_the_moe_model(accuracy):
             if modifier in ("GPTQModifier", "GSQModifier"):
                 assert "re:.*\\.gate$" in options["ignore"], f"{name}: {modifier} would quantize the router"
     assert "gsq_vllm/moe_model.py" not in accuracy.sources_of("gsq3")
+
+
+def test_seed_zero_keeps_the_key_rows_had_before_seeds_and_other_seeds_get_their_own(accuracy):
+    settings = {"group_size": 64, "calibration": {"samples": 128}}
+    zero = accuracy.edited_recipe("gsq3", settings)
+    assert accuracy.edited_recipe("gsq3", settings, 0) == zero
+    one = accuracy.edited_recipe("gsq3", settings, 1)
+    seeds = {name: options.get("seed") for stage in one.values() for group in stage.values()
+             for name, options in group.items() if isinstance(options, dict)}
+    assert seeds.get("GSQModifier") == 1 and seeds.get("GSQEndToEndModifier") == 1, seeds
+    assert accuracy.cache_file("gsq3", settings, zero).name == f"gsq3-{accuracy.cache_key('gsq3', settings, zero)}.json"
+    assert "-seed1-" in accuracy.cache_file("gsq3", settings, one, 1).name
+    assert accuracy.seeds_of("gsq3", [0, 1]) == [0, 1] and accuracy.seeds_of("autoround3", [0, 1]) == [0, 1]
+    assert accuracy.seeds_of("gptq3", [0, 1]) == [0]
+
+
+def test_a_row_over_two_seeds_is_their_mean_with_each_seed_and_the_spread(accuracy):
+    runs = [{"name": "gsq3", "ce": 3.2, "ce_news": 3.6, "ear": 0.7, "ear_news": 0.6, "kl": 0.3, "kl_news": 0.4,
+             "ppl": math.exp(3.2), "ppl_news": math.exp(3.6), "quant_seconds": 100.0, "peak_mem_mb": 2000.0},
+            {"name": "gsq3", "seed": 1, "ce": 3.3, "ce_news": 3.5, "ear": 0.8, "ear_news": 0.5, "kl": 0.5,
+             "kl_news": 0.2, "ppl": math.exp(3.3), "ppl_news": math.exp(3.5), "quant_seconds": 120.0,
+             "peak_mem_mb": 2100.0}]
+    row = accuracy.combine_seeds(runs)
+    assert row["ce"] == pytest.approx(3.25) and row["ppl"] == pytest.approx(math.exp(3.25))
+    assert row["quant_seconds"] == 110.0 and row["peak_mem_mb"] == 2100.0
+    assert row["spread"] == pytest.approx({"ce": 0.1, "ce_news": 0.1})
+    assert set(row["seeds"]) == {"0", "1"} and row["seeds"]["1"]["ce"] == 3.3
+    assert accuracy.combine_seeds(runs[:1]) is runs[0]  # one seed: the row as it was

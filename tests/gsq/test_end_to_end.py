@@ -51,3 +51,33 @@ def test_chunk_size_changes_only_rounding():
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-7)
     assert results[0][1] < results[0][0]  # it learnt something
+
+
+def _held_out_kl(student, teacher, head, item: int) -> float:
+    with torch.no_grad():
+        return kl_divergence(torch.log_softmax(head(teacher([item])), -1), torch.log_softmax(head(student([item])), -1)).item()
+
+
+def test_checking_the_held_out_kl_does_not_change_the_steps():
+    finals = []
+    for every in (0, 1):
+        student, teacher, head, scale = _problem()
+        config = EndToEndConfig(steps=6, lr=1e-2, items_per_step=2, holdout=0.34, keep_best_every=every)
+        result = tune_end_to_end(student, teacher, [scale], 3, config, head=head, progress=False)
+        finals.append((scale.detach().clone(), result))
+    (plain_scale, plain), (checked_scale, checked) = finals
+    assert plain.held_out.keys() == {0, 6} and checked.held_out.keys() == set(range(7))
+    assert checked.history == plain.history  # the same training losses, step for step
+    assert checked.best_step == 6  # on this problem the end is the best: the same parameters
+    torch.testing.assert_close(checked_scale, plain_scale, rtol=0, atol=0)
+
+
+def test_the_best_checked_step_is_kept_when_training_overshoots():
+    student, teacher, head, scale = _problem()
+    config = EndToEndConfig(steps=12, lr=0.02, items_per_step=2, holdout=0.34, keep_best_every=1)  # best: step 4
+    result = tune_end_to_end(student, teacher, [scale], 3, config, head=head, progress=False)
+    best_step = min(result.held_out, key=result.held_out.get)
+    assert 0 < best_step < 12, f"this problem no longer overshoots: {result.held_out}"  # the test's premise
+    assert result.best_step == best_step and not result.kept_initial
+    assert result.final_kl == pytest.approx(min(result.held_out.values()))
+    assert _held_out_kl(student, teacher, head, 2) == pytest.approx(result.final_kl, rel=1e-5)  # what it returned
