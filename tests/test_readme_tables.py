@@ -16,8 +16,7 @@ def test_readme_tables_match_the_results_files():
 
 
 def test_a_row_over_seeds_shows_its_mean_and_half_the_seeds_range():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import readme_tables
+    import readme_tables  # benchmarks/ is on sys.path (tests/conftest.py)
 
     row = {"ppl": 26.0, "seeds": {"0": {"ppl": 25.5}, "1": {"ppl": 26.5}}}
     assert readme_tables._ppl(row) == "26.00 ±0.50 (2 seeds)"

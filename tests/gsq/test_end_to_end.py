@@ -29,6 +29,14 @@ def _problem():
     return student, teacher, head, scale
 
 
+def _tuned(**options):
+    """The problem tuned on its first two items (the third held out): (result, scale, problem)."""
+    student, teacher, head, scale = _problem()
+    config = EndToEndConfig(items_per_step=2, holdout=0.34, **options)
+    result = tune_end_to_end(student, teacher, [scale], 3, config, head=head, progress=False)
+    return result, scale.detach().clone(), (student, teacher, head)
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 128])
 def test_item_by_item_chunked_gradient_equals_the_batch_gradient(chunk):
     student, teacher, head, scale = _problem()
@@ -43,10 +51,8 @@ def test_item_by_item_chunked_gradient_equals_the_batch_gradient(chunk):
 def test_chunk_size_changes_only_rounding():
     results = []
     for chunk in (2, 64):
-        student, teacher, head, scale = _problem()
-        config = EndToEndConfig(steps=5, lr=1e-2, items_per_step=2, holdout=0.34, positions_per_chunk=chunk)
-        result = tune_end_to_end(student, teacher, [scale], 3, config, head=head, progress=False)
-        results.append((result.initial_kl, result.final_kl, scale.detach().clone()))
+        result, scale, _ = _tuned(steps=5, lr=1e-2, positions_per_chunk=chunk)
+        results.append((result.initial_kl, result.final_kl, scale))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-7)
@@ -59,13 +65,8 @@ def _held_out_kl(student, teacher, head, item: int) -> float:
 
 
 def test_checking_the_held_out_kl_does_not_change_the_steps():
-    finals = []
-    for every in (0, 1):
-        student, teacher, head, scale = _problem()
-        config = EndToEndConfig(steps=6, lr=1e-2, items_per_step=2, holdout=0.34, keep_best_every=every)
-        result = tune_end_to_end(student, teacher, [scale], 3, config, head=head, progress=False)
-        finals.append((scale.detach().clone(), result))
-    (plain_scale, plain), (checked_scale, checked) = finals
+    (plain, plain_scale, _), (checked, checked_scale, _) = (_tuned(steps=6, lr=1e-2, keep_best_every=every)
+                                                             for every in (0, 1))
     assert plain.held_out.keys() == {0, 6} and checked.held_out.keys() == set(range(7))
     assert checked.history == plain.history  # the same training losses, step for step
     assert checked.best_step == 6  # on this problem the end is the best: the same parameters
@@ -73,9 +74,7 @@ def test_checking_the_held_out_kl_does_not_change_the_steps():
 
 
 def test_the_best_checked_step_is_kept_when_training_overshoots():
-    student, teacher, head, scale = _problem()
-    config = EndToEndConfig(steps=12, lr=0.02, items_per_step=2, holdout=0.34, keep_best_every=1)  # best: step 4
-    result = tune_end_to_end(student, teacher, [scale], 3, config, head=head, progress=False)
+    result, _, (student, teacher, head) = _tuned(steps=12, lr=0.02, keep_best_every=1)  # best: step 4
     best_step = min(result.held_out, key=result.held_out.get)
     assert 0 < best_step < 12, f"this problem no longer overshoots: {result.held_out}"  # the test's premise
     assert result.best_step == best_step and not result.kept_initial
