@@ -178,7 +178,13 @@ def shapes_serve_table(payload: dict) -> str:
     pairs = (("GSQ W2 / bf16", ("vLLM", "gsq-w2"), ("vLLM", "bf16")), ("GSQ W2 / W4A16", ("vLLM", "gsq-w2"), ("vLLM", "gptq-w4")),
              ("GSQ W3 / W4A16", ("vLLM", "gsq-w3"), ("vLLM", "gptq-w4")),
              ("GSQ W2 / llama.cpp Q2_K", ("vLLM", "gsq-w2"), ("llama.cpp", "q2_k")),
-             ("GSQ W3 / llama.cpp Q3_K_S", ("vLLM", "gsq-w3"), ("llama.cpp", "q3_k_s")))
+             ("GSQ W3 / llama.cpp Q3_K_S", ("vLLM", "gsq-w3"), ("llama.cpp", "q3_k_s")),
+             # a 4-bit head on both sides (llama.cpp's K-quants quantize theirs too)
+             ("GSQ W2-h4 / bf16", ("vLLM", "gsq-w2-h4"), ("vLLM", "bf16")),
+             ("GSQ W2-h4 / W4A16-h4", ("vLLM", "gsq-w2-h4"), ("vLLM", "gptq-w4-h4")),
+             ("GSQ W3-h4 / W4A16-h4", ("vLLM", "gsq-w3-h4"), ("vLLM", "gptq-w4-h4")),
+             ("GSQ W2-h4 / llama.cpp Q2_K", ("vLLM", "gsq-w2-h4"), ("llama.cpp", "q2_k")),
+             ("GSQ W3-h4 / llama.cpp Q3_K_S", ("vLLM", "gsq-w3-h4"), ("llama.cpp", "q3_k_s")))
     for shape in payload["shapes"]:
         found = [f"{name} {rows[(shape, *a)]['decode_tok_s_bs1'] / rows[(shape, *b)]['decode_tok_s_bs1']:.2f}x"
                  for name, a, b in pairs if (shape, *a) in rows and (shape, *b) in rows]

@@ -9,8 +9,11 @@ Rows, each in a fresh child process:
 
 * vLLM (``benchmarks/serve_throughput.py``'s child: decode tok/s at batch 1 and 8, prefill tok/s,
   the weight bytes the worker holds): bf16; W4A16 group 128 (the format GPTQ writes, stock vLLM
-  kernel); GSQ W3 and W2 group 128 through the plugin's default CPU kernel; GSQ W2 with
-  ``--tensor-parallel-size 2`` on the 1B shape (one core per rank). torch.compile on, as
+  kernel); GSQ W3 and W2 group 128 through the plugin's default CPU kernel; each of the three
+  quantized kinds again with a 4-bit group-128 output head (``-h4``: the head is the largest single
+  read of a small model's decode step, 501 of the 763 MiB a 1B W2 step reads with a bf16 head;
+  llama.cpp's K-quants keep it at 6 bits); GSQ W2 with ``--tensor-parallel-size 2`` on the 1B
+  shape (one core per rank). torch.compile on, as
   ``vllm serve`` runs on the CPU by default (``serve_throughput.py``'s own rows run eager), and
   every core computing (``VLLM_CPU_OMP_THREADS_BIND``, see :func:`threads_binding`).
 * llama.cpp through llama-cpp-python (``scripts/setup.sh --llama-cpp`` builds it for this CPU into
@@ -30,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -48,7 +52,7 @@ LLAMA_PYTHON = REPO / ".venv-llamacpp" / "bin" / "python"
 LLAMA_CHILD = Path(__file__).resolve().parent / "llama_cpp_child.py"
 #: llama.cpp's own names of the GGUF types compared, and the llama_ftype enum value of each
 GGUF_TYPES = {"f16": 1, "q4_0": 2, "q3_k_s": 11, "q2_k": 10}
-VLLM_KINDS = ("bf16", "gptq-w4", "gsq-w3", "gsq-w2")
+VLLM_KINDS = ("bf16", "gptq-w4", "gsq-w3", "gsq-w2", "gptq-w4-h4", "gsq-w3-h4", "gsq-w2-h4")
 LLAMA_CHILD_TIMEOUT_S = 1800
 VLLM_SETTINGS = ("torch.compile on (vLLM's CPU default: no --enforce-eager), bf16, every core computing "
                  "(VLLM_CPU_OMP_THREADS_BIND, as llama.cpp's threads)")
@@ -165,7 +169,8 @@ def threads_binding(ranks: int, cores: int | None = None) -> str:
 def vllm_configs(shape: str, tensor_parallel: bool) -> list[dict]:
     configs = []
     for kind in VLLM_KINDS:
-        kernel = {"bf16": "stock (dense bf16)", "gptq-w4": "stock (vLLM W4A16)"}.get(kind, "plugin default")
+        kernel = "stock (dense bf16)" if kind == "bf16" else "stock (vLLM W4A16)" if kind.startswith("gptq") else "plugin default"
+        kernel += ", 4-bit head" if random_llama.KINDS[kind].head_bits else ""
         configs.append({"engine": "vLLM", "shape": shape, "model": f"{shape}-{kind}", "kernel": kernel, "format": kind,
                         "env": {"VLLM_CPU_OMP_THREADS_BIND": threads_binding(1)}, "compile": True, **BUDGET[shape]})
     if tensor_parallel:
@@ -175,10 +180,10 @@ def vllm_configs(shape: str, tensor_parallel: bool) -> list[dict]:
     return configs
 
 
-def vllm_read_bytes(shape: str, weight_bytes: int) -> int:
+def vllm_read_bytes(shape: str, kind: str, weight_bytes: int) -> int:
     """Bytes a decode step reads of what the worker holds: all but an untied bf16 input embedding."""
     dims = random_llama.MODEL_SHAPES[shape]
-    return weight_bytes - (0 if dims["tied_embeddings"] else dims["vocab"] * dims["hidden"] * 2)
+    return weight_bytes - (0 if random_llama.ties_embeddings(dims, kind) else dims["vocab"] * dims["hidden"] * 2)
 
 
 def add_bounds(record: dict, bandwidth: float) -> dict:
@@ -188,9 +193,9 @@ def add_bounds(record: dict, bandwidth: float) -> dict:
     return {**record, "bound_tok_s": round(bound, 2), "of_bound_bs1": round(record["decode_tok_s_bs1"] / bound, 3)}
 
 
-def vllm_rows(shape: str, configs: list[dict], log_dir: Path, bandwidth: float) -> list[dict]:
+def vllm_rows(shape: str, configs: list[dict], log_dir: Path, bandwidth: float, delete_after: bool = False) -> list[dict]:
     rows = []
-    for config in configs:
+    for index, config in enumerate(configs):
         print(f"== {config['model']} / {config['kernel']}", flush=True)
         config["path"] = str(vllm_checkpoint(shape, config["format"]))
         record = serve_throughput.run_config(config, log_dir)
@@ -198,14 +203,16 @@ def vllm_rows(shape: str, configs: list[dict], log_dir: Path, bandwidth: float) 
                   "tensor_parallel_size": config.get("tensor_parallel_size", 1),
                   "omp_threads_bind": config["env"]["VLLM_CPU_OMP_THREADS_BIND"], "torch_compile": config["compile"]}
         if "error" not in record:
-            record["read_bytes"] = vllm_read_bytes(shape, record["weight_bytes"])
+            record["read_bytes"] = vllm_read_bytes(shape, config["format"], record["weight_bytes"])
         rows.append(add_bounds(record, bandwidth))
         print("   " + json.dumps(rows[-1]), flush=True)
+        if delete_after and all(later["format"] != config["format"] for later in configs[index + 1:]):
+            shutil.rmtree(config["path"], ignore_errors=True)
     return rows
 
 
 def llama_rows(shape: str, gguf_types: list[str], convert_script: Path, log_dir: Path, bandwidth: float,
-               ready: bool) -> list[dict]:
+               ready: bool, delete_after: bool = False) -> list[dict]:
     rows = []
     for gguf_type in gguf_types:
         print(f"== {shape} llama.cpp {gguf_type}", flush=True)
@@ -216,6 +223,8 @@ def llama_rows(shape: str, gguf_types: list[str], convert_script: Path, log_dir:
             continue
         rows.append(add_bounds(run_llama(shape, gguf_type, convert_script, log_dir), bandwidth))
         print("   " + json.dumps(rows[-1]), flush=True)
+        if delete_after and gguf_type != "f16":  # F16 is the quantizers' input: main() deletes it last
+            (shape_dir(shape) / "gguf" / f"{shape}-{gguf_type}.gguf").unlink(missing_ok=True)
     return rows
 
 
@@ -256,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                         "not fit in memory)")
     parser.add_argument("--convert-script", type=Path, default=REPO / ".venv-llamacpp" / "llama.cpp" / "convert_hf_to_gguf.py",
                         help="llama.cpp's converter (setup.sh --llama-cpp puts it here)")
+    parser.add_argument("--delete-after", action="store_true", help="delete each checkpoint and GGUF once its rows are "
+                        "measured (every 8B file together is ~54 GB; one at a time peaks near 21 GB: the F16 GGUF and one quantized from it)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", default="", help="free text stored with the results")
     args = parser.parse_args(argv)
@@ -271,17 +282,18 @@ def main(argv: list[str] | None = None) -> int:
         # llama.cpp first: where the F16 row is skipped, its GGUF (the quantizer's input, 2 bytes a
         # weight) goes before vLLM's checkpoints are written: an 8B run peaks at ~41 GB of disk, not ~55
         llama = llama_rows(shape, [t for t in GGUF_TYPES if t not in args.skip], args.convert_script, log_dir,
-                           bandwidth, llama_ready)
-        if "f16" in args.skip:
+                           bandwidth, llama_ready, args.delete_after)
+        if "f16" in args.skip or args.delete_after:
             (shape_dir(shape) / "gguf" / f"{shape}-f16.gguf").unlink(missing_ok=True)
         results += vllm_rows(shape, [c for c in vllm_configs(shape, shape == "1b") if c["format"] not in args.skip],
-                             log_dir, bandwidth) + llama
+                             log_dir, bandwidth, args.delete_after) + llama
     out = args.out / "serve_shapes_cpu.json"
     payload = merge_runs(json.loads(out.read_text()) if out.exists() else {}, args.shapes, results, {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "cpu": cpu_description(),
         "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
-        "command": "benchmarks/serve_shapes.py --shapes " + " ".join(args.shapes + (["--skip", *args.skip] if args.skip else [])),
+        "command": "benchmarks/serve_shapes.py --shapes " + " ".join(args.shapes + (["--skip", *args.skip] if args.skip else [])
+                                                                     + (["--delete-after"] if args.delete_after else [])),
         "note": args.note,
         "wall_s": round(time.perf_counter() - began, 1),
     })

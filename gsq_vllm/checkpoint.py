@@ -368,12 +368,18 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     foreign = {layer.layout for layer in info.layers.values() if layer.quant.num_bits == 3}
     foreign.discard(installed_compressed_tensors_layout())
     # transformers would load quantized per-expert weights into nothing and leave the fused
-    # expert tensors randomly initialised, with a warning only
+    # expert tensors randomly initialised, with a warning only; and it never converts the output
+    # head (its quantizers skip lm_head), so a quantized head would fail to load
     experts = any(_EXPERT.search(name) for name in info.layers)
-    if not info.is_quantized or not (foreign or experts):
+    head = any(_is_output_head(name) for name in info.layers)
+    if not info.is_quantized or not (foreign or experts or head):
         model = AutoModelForCausalLM.from_pretrained(str(info.path), dtype=dtype)
         return model.eval()
     return _load_with_own_decompression(info, dtype).eval()
+
+
+def _is_output_head(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "lm_head"
 
 
 def dequantize_packed(
@@ -402,6 +408,10 @@ def _load_with_own_decompression(info: CheckpointInfo, dtype: torch.dtype) -> to
     config = AutoConfig.from_pretrained(str(info.path))
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
+    heads = [name for name in info.layers if _is_output_head(name)]
+    if heads and getattr(config, "tie_word_embeddings", False):
+        raise CheckpointError(f"{info.path}: {heads[0]} is quantized but config.json ties it to the input embedding "
+                              "(tie_word_embeddings: true); a quantized head needs tie_word_embeddings: false")
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(info.path):
         state.update(load_file(str(file)))

@@ -20,6 +20,9 @@ Kinds (all group size 64, symmetric int, weight-only, ``lm_head`` kept in full p
   ``gsq-made-w3-old`` is it in the word-aligned layout.
 * ``gsq-moe-w3``: round-to-nearest 3-bit of the MoE model derived from the default one
   (:mod:`gsq_vllm.moe_model`): every routed expert and attention projection, router kept.
+* ``gsq-w3-h4``: ``gsq-w3`` with the output head quantized too (4 bits, group 64, a config group
+  of its own; llmcompressor unties it from the input embedding, which stays dense), the format of
+  ``benchmarks/serve_shapes.py``'s ``-h4`` rows.
 * ``gsq-w3-down-g768``: round-to-nearest 3-bit, group 64 except ``down_proj`` in groups of 768
   columns (in_features 1536): a checkpoint that three tensor-parallel ranks (512 columns each)
   cannot split without cutting a group.
@@ -38,7 +41,7 @@ import sys
 from pathlib import Path
 
 KINDS = ("gsq-w2", "gsq-w3", "gsq-w3-old", "gptq-w4", "mixed-w2-w4", "gsq-made-w3", "gsq-made-w3-old", "autoround-w3",
-         "gsq-w3-down-g768", "gsq-moe-w3")
+         "gsq-w3-down-g768", "gsq-moe-w3", "gsq-w3-h4")
 GROUP_SIZE = 64
 
 
@@ -54,6 +57,12 @@ def _scheme(bits: int) -> dict:
 MIXED_SCHEME = {
     "attention": {"targets": [r"re:.*self_attn\.(q|k|v|o)_proj$"], "weights": _weights(4)},
     "mlp": {"targets": [r"re:.*mlp\.(gate|up|down)_proj$"], "weights": _weights(2)},
+}
+
+#: 3-bit decoder layers, 4-bit output head
+HEAD4_SCHEME = {
+    "decoder": {"targets": [r"re:.*layers\.\d+\..*_proj$"], "weights": _weights(3)},
+    "head": {"targets": ["lm_head"], "weights": _weights(4)},
 }
 
 #: 3-bit, down_proj in groups of 768 columns: whole at one or two tensor-parallel ranks, split at three
@@ -109,8 +118,10 @@ def quantize(kind: str, model_dir: Path, out: Path) -> None:
             save_compressed=True,
         )
     else:
-        scheme = {"mixed-w2-w4": MIXED_SCHEME, "gsq-w3-down-g768": DOWN_G768_SCHEME}.get(kind) or _scheme(int(kind[-1]))
-        recipe = QuantizationModifier(config_groups=scheme, ignore=["lm_head", r"re:.*\.gate$"])
+        scheme = ({"mixed-w2-w4": MIXED_SCHEME, "gsq-w3-down-g768": DOWN_G768_SCHEME, "gsq-w3-h4": HEAD4_SCHEME}.get(kind)
+                  or _scheme(int(kind[-1])))
+        ignore = [r"re:.*\.gate$"] + ([] if kind == "gsq-w3-h4" else ["lm_head"])
+        recipe = QuantizationModifier(config_groups=scheme, ignore=ignore)
         oneshot(model=model, recipe=recipe, output_dir=str(out), save_compressed=True)
     tokenizer.save_pretrained(str(out))
 

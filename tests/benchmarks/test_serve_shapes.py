@@ -16,9 +16,11 @@ def serve_shapes():
 
 def test_a_decode_step_reads_every_weight_but_an_untied_input_embedding(serve_shapes):
     one, eight = serve_shapes.random_llama.MODEL_SHAPES["1b"], serve_shapes.random_llama.MODEL_SHAPES["8b"]
-    assert serve_shapes.vllm_read_bytes("1b", 10**9) == 10**9  # tied: the embedding is the head, read whole
-    assert serve_shapes.vllm_read_bytes("8b", 10**10) == 10**10 - eight["vocab"] * eight["hidden"] * 2
+    assert serve_shapes.vllm_read_bytes("1b", "gsq-w2", 10**9) == 10**9  # tied: the embedding is the head, read whole
+    assert serve_shapes.vllm_read_bytes("8b", "gsq-w2", 10**10) == 10**10 - eight["vocab"] * eight["hidden"] * 2
     assert one["tied_embeddings"] and not eight["tied_embeddings"]
+    # a 4-bit head unties the 1B model: its bf16 input embedding is held but only a row of it read
+    assert serve_shapes.vllm_read_bytes("1b", "gsq-w2-h4", 10**9) == 10**9 - one["vocab"] * one["hidden"] * 2
 
 
 def test_the_bound_is_bandwidth_over_bytes_and_an_error_row_stays_an_error(serve_shapes):

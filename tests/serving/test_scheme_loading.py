@@ -13,17 +13,18 @@ from contextlib import contextmanager
 
 from gsq_vllm.packing import PackLayout, pack_codes  # noqa: E402
 
-from serving_support import GROUP, assert_close, gsq_config, random_codes, random_scales, reference  # noqa: E402
+from serving_support import GROUP, assert_close, gsq_config, quant_config, random_codes, random_scales, reference  # noqa: E402
 
 @contextmanager
 def simulated_tp(monkeypatch, rank: int, size: int):
     """Make vLLM's linear layers and parameters (and the scheme) believe they are rank/size."""
     import vllm.distributed
     import vllm.model_executor.layers.linear as linear
+    import vllm.model_executor.layers.vocab_parallel_embedding as vocab
     import vllm.model_executor.parameter as parameter
 
     with monkeypatch.context() as patch:
-        for module in (linear, parameter, vllm.distributed):
+        for module in (linear, parameter, vocab, vllm.distributed):
             patch.setattr(module, "get_tensor_model_parallel_rank", lambda: rank)
             patch.setattr(module, "get_tensor_model_parallel_world_size", lambda: size)
         yield
@@ -122,6 +123,37 @@ def test_simulated_tensor_parallel_shards(vllm_tp1, monkeypatch, bits, layout):
     for rank in range(2):
         expected = torch.cat([gate_ref[:, rank * half : (rank + 1) * half], up_ref[:, rank * half : (rank + 1) * half]], 1)
         assert_close(column[rank], expected, f"column shard {rank}")
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_quantized_output_head_computes_the_logits_of_its_codes(vllm_tp1, monkeypatch, bits):
+    """lm_head in a config group of its own: vLLM routes its ParallelLMHead through the layer's scheme
+    (the plugin's kernel for 2/3 bits, and for 4 on the CPU). A vocabulary of 1000 pads to 1024 rows
+    (zero there); two simulated ranks each hold their half of the vocabulary, as vLLM shards it."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    from gsq_vllm.serving.config import GSQQuantizationConfig
+
+    raw = quant_config(bits)
+    raw["config_groups"]["group_1"] = {**raw["config_groups"]["group_0"], "targets": ["lm_head"]}
+    raw["config_groups"]["group_0"]["weights"] = {**raw["config_groups"]["group_0"]["weights"], "num_bits": 3}
+    config = GSQQuantizationConfig.from_config({**raw, "ignore": []})
+    vocab, k = 1000, 256
+    codes, scales = random_codes(vocab, k, bits, 5), random_scales(vocab, k // GROUP, 5)
+    x = torch.randn(3, k).to(torch.bfloat16)
+    full = reference(x, codes, scales)
+    for rank, size in ((0, 1), (0, 2), (1, 2)):
+        with simulated_tp(monkeypatch, rank, size):
+            head = ParallelLMHead(vocab, k, quant_config=config, prefix="lm_head", params_dtype=torch.bfloat16)
+            assert head.scheme.num_bits == bits  # the head's own group, not the Linear one
+            load_gsq(head, codes, scales, bits, PackLayout.DENSE)
+            finish(head)
+            logits = head.quant_method.apply(head, x)
+        rows = head.shard_indices
+        assert logits.shape == (3, head.num_embeddings_per_partition)
+        real = rows.org_vocab_end_index - rows.org_vocab_start_index
+        assert_close(logits[:, :real], full[:, rows.org_vocab_start_index:rows.org_vocab_end_index], f"head {rank}/{size}")
+        assert not logits[:, real:].any()  # padded rows: zero scales, zero logits
 
 
 def test_row_shard_splitting_a_group_fails_at_load(vllm_tp1, monkeypatch):

@@ -54,10 +54,14 @@ def serve_greedy(kind: str, tmp_path) -> tuple[list[list[int]], str]:
     return served, log
 
 
-@pytest.mark.parametrize("kind,bits", [("gsq-w2", 2), ("gsq-w3", 3)])
+@pytest.mark.parametrize("kind,bits", [("gsq-w2", {2}), ("gsq-w3", {3}), ("gsq-w3-h4", {3, 4})])
 def test_vllm_serve_matches_transformers(kind, bits, tmp_path):
+    """gsq-w3-h4: the output head quantized too (4 bits, untied from the input embedding): vLLM runs
+    it through the plugin's kernel as a linear layer, transformers through our own decompression."""
     model = get_checkpoint(kind)
-    assert {layer.quant.num_bits for layer in inspect_checkpoint(model).layers.values()} == {bits}
+    layers = inspect_checkpoint(model).layers
+    assert {layer.quant.num_bits for layer in layers.values()} == bits
+    assert ("lm_head" in layers) == (4 in bits)
     served, log = serve_greedy(kind, tmp_path)
     assert "GSQ plugin serves this compressed-tensors checkpoint" in log
     assert f"GSQ: using kernel {default_cpu_kernel()}" in log, log[-3000:]
