@@ -10,6 +10,7 @@ rendered from one results file:
 * ``shapes-serve-table``: benchmarks/results/serve_shapes_cpu.json
 * ``serve-load-table``: benchmarks/results/serve_load_cpu.json
 * ``layer-cost-table``: benchmarks/results/layer_cost_cpu.json
+* ``head-quantization-table``: benchmarks/results/head_quantization.json
 
     python benchmarks/readme_tables.py            # rewrite README.md
     python benchmarks/readme_tables.py --check    # exit 1 if README.md is not what the files say
@@ -282,6 +283,19 @@ def layer_cost_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def head_quantization_table(payload: dict) -> str:
+    """The output head's own share of a quantized model's gap (only the head quantized)."""
+    head = "| output head | wiki CE | news CE | wiki gap | news gap |"
+    lines = [f"One run of `.venv/bin/python {payload['command']}` ({_cpu_line(payload)}; {payload['wall_s'] / 60:.0f} min); "
+             f"the default model in full precision but its head; GPTQ calibrated on {payload['calibration']}"
+             f"{'; ' + payload['note'] if payload.get('note') else ''}.",
+             "", head, "|---|---|---|---|---|"]
+    for r in payload["results"]:
+        lines.append(f"| {r['head']} | {r['wiki_ce']:.4f} | {r['news_ce']:.4f} | {_num(r.get('wiki_gap'), 4)} "
+                     f"| {_num(r.get('news_gap'), 4)} |")
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     tables = {}
     accuracy = RESULTS / "accuracy_smollm2.json"
@@ -305,6 +319,9 @@ def render() -> dict[str, str]:
     layer_cost = RESULTS / "layer_cost_cpu.json"
     if layer_cost.exists():
         tables["layer-cost-table"] = layer_cost_table(json.loads(layer_cost.read_text()))
+    head = RESULTS / "head_quantization.json"
+    if head.exists():
+        tables["head-quantization-table"] = head_quantization_table(json.loads(head.read_text()))
     return tables
 
 
