@@ -45,12 +45,12 @@ class Kind(NamedTuple):
 KINDS: dict[str, Kind] = {"bf16": Kind(None), "gptq-w4": Kind(4), "gsq-w3": Kind(3), "gsq-w2": Kind(2),
                           "gptq-w4-h4": Kind(4, 4), "gsq-w3-h4": Kind(3, 4), "gsq-w2-h4": Kind(2, 4)}
 GROUP_SIZE = 128
+SHARD_BYTES = 2 << 30
 
 
 def ties_embeddings(shape: dict, kind: str) -> bool:
     """Whether the checkpoint's head is its input embedding (only a bf16 head can be)."""
     return shape["tied_embeddings"] and KINDS[kind].head_bits is None
-SHARD_BYTES = 2 << 30
 
 
 def linear_shapes(shape: dict) -> dict[str, tuple[int, int]]:

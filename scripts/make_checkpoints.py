@@ -4,7 +4,7 @@ The serving environment has no llmcompressor (its compressed-tensors is 0.17, ll
 needs 0.19), so the serve-env tests and ``benchmarks/serve_throughput.py`` call this script in
 the quantize environment in a subprocess and cache what it writes.
 
-Kinds (all group size 64, symmetric int, weight-only, ``lm_head`` kept in full precision):
+Kinds (all group size 64, symmetric int, weight-only, ``lm_head`` kept in full precision but in ``gsq-w3-h4``):
 
 * ``gsq-w2``, ``gsq-w3``: round-to-nearest (``QuantizationModifier``), which writes exactly the GSQ
   on-disk format (2/3-bit codes, group scales); compressed-tensors 0.19 writes the dense layout.
