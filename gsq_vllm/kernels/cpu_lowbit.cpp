@@ -304,33 +304,34 @@ void dequantize_chunk_512(int64_t k0, const int32_t* low, const int32_t* high, c
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512bf16")
 
-// Half of a 64-entry bf16 table (entries [32 * half, 32 * half + 32)) that maps an index word to the
-// level of one pair slot: SLOT 0 reads the code's low bits from index bits 0-1, SLOT 1 from bits 2-3;
-// a 3-bit code's third bit comes from bit 4 (SLOT 0) or bit 5 (SLOT 1). vpermw reads 5 index bits
-// and vpermt2w 6, so one shifted word serves two pairs: a shift per two dot products instead of one.
+// A 32-entry bf16 table (one vpermw, which reads 5 index bits) mapping an index word to the level of
+// one pair slot. SLOT 0 reads the code's low bits from index bits 0-1, SLOT 1 from bits 2-3, so one
+// shifted word serves two pairs: a shift per two dot products instead of one. A 3-bit code's third
+// bit sits at bit 4 (SLOT 0) or 5 (SLOT 1), out of vpermw's reach for SLOT 1: its index is shifted
+// right by two more bits, which leaves its low bits at 0-1 and its third bit at 3. (vpermt2w reads
+// 6 bits but costs three micro-ops, vpermw and a shift two: 8192^2, one row, 2 cores, 3-bit:
+// see gemm_block_bf16.)
 template <int BITS, int SLOT>
-inline __m512i pair_table_bf16(int half) {
+inline __m512i pair_table_bf16() {
   alignas(64) uint16_t values[32];
-  for (int e = 0; e < 32; ++e) {
-    const int i = 32 * half + e;
-    int code = SLOT == 0 ? (i & 3) : ((i >> 2) & 3);
-    if (BITS == 3) code |= (SLOT == 0 ? (i >> 4) & 1 : (i >> 5) & 1) << 2;
+  for (int i = 0; i < 32; ++i) {
+    int code = SLOT == 0 || BITS == 3 ? (i & 3) : ((i >> 2) & 3);
+    if (BITS == 3) code |= ((i >> (SLOT == 0 ? 4 : 3)) & 1) << 2;
     const float v = level<BITS>(code);
     uint32_t bits;
     std::memcpy(&bits, &v, 4);
-    values[e] = uint16_t(bits >> 16);  // small integers are exact in bf16
+    values[i] = uint16_t(bits >> 16);  // small integers are exact in bf16
   }
   return _mm512_load_si512(values);
 }
 
 struct PairTables {
-  __m512i even_lo, even_hi, odd_lo, odd_hi;
+  __m512i even, odd;
 };
 
 template <int BITS>
 inline PairTables pair_tables_bf16() {
-  return {pair_table_bf16<BITS, 0>(0), pair_table_bf16<BITS, 0>(1), pair_table_bf16<BITS, 1>(0),
-          pair_table_bf16<BITS, 1>(1)};
+  return {pair_table_bf16<BITS, 0>(), pair_table_bf16<BITS, 1>()};
 }
 
 // The bf16 levels of pairs j = 2Q and 2Q + 1 of half H of a 32-k chunk, 16 rows in the lanes:
@@ -342,11 +343,11 @@ GSQ_INLINE void pair_levels_bf16(__m512i word, __m512i hiword, const PairTables&
     constexpr int bit = 8 * H + 2 * Q;  // the two pairs' third bits, moved to bits 4 and 5
     const __m512i up = bit >= 4 ? _mm512_srli_epi16(hiword, bit - 4) : _mm512_slli_epi16(hiword, 4 - bit);
     index = _mm512_ternarylogic_epi32(index, up, _mm512_set1_epi16(15), 0xE4);  // bits 0-3 from index
-    even = _mm512_permutex2var_epi16(t.even_lo, index, t.even_hi);
-    odd = _mm512_permutex2var_epi16(t.odd_lo, index, t.odd_hi);
+    even = _mm512_permutexvar_epi16(index, t.even);
+    odd = _mm512_permutexvar_epi16(_mm512_srli_epi16(index, 2), t.odd);  // third bit 5 -> 3 (see the table)
   } else {
-    even = _mm512_permutexvar_epi16(index, t.even_lo);
-    odd = _mm512_permutexvar_epi16(index, t.odd_lo);
+    even = _mm512_permutexvar_epi16(index, t.even);
+    odd = _mm512_permutexvar_epi16(index, t.odd);
   }
 }
 
