@@ -23,6 +23,9 @@ README's table is generated from the JSON (benchmarks/readme_tables.py).
     .venv/bin/python benchmarks/accuracy.py --model moe             # the MoE model's rows
     .venv/bin/python benchmarks/accuracy.py --seeds 0 1 --methods gsq3 autoround3   # error bars
 
+The results files always hold every cached row of their model (a ``--methods`` run adds or updates
+its rows beside the others).
+
 ``--seeds``: GSQ and AutoRound rows run once per seed (the calibration order, and GSQ's own noise)
 and are reported as their mean with each seed's figures and the spread; seed 0 is the row as
 cached without the flag.
@@ -440,40 +443,58 @@ def main() -> int:
         return 0
 
     CACHE.mkdir(parents=True, exist_ok=True)
+    asked = args.methods or [name for name, spec in ALL.items() if spec.model == args.model]
     records: dict[str, dict] = {}
-    for name in args.methods or [name for name, spec in ALL.items() if spec.model == args.model]:
-        runs = []
-        for seed in seeds_of(name, args.seeds):
-            label = name + (f" (seed {seed})" if seed else "")
-            recipe = edited_recipe(name, settings, seed)
-            if ALL[name].match_time_of:
-                iters = matched_iterations(name, records)
-                if iters is None:
-                    print(f"[accuracy] {label}: skipped (needs {ALL[name].match_time_of} and autoround{ALL[name].bits} first)")
-                    continue
-                from gsq_vllm.recipes import set_modifier_options
-
-                set_modifier_options(recipe, "AutoRoundModifier", iters=iters)
-            cached = cache_file(name, settings, recipe, seed)
-            if not cached.exists() and args.cached_only:
-                print(f"[accuracy] {label}: not cached, left out")
-                continue
-            if not cached.exists():
-                print(f"[accuracy] running {label} ...", flush=True)
-                start = time.time()
-                subprocess.run([sys.executable, __file__, *_passthrough(), "--one", name, "--seed", str(seed),
-                                "--recipe-json", json.dumps(recipe) if recipe else "", "--out", str(cached)], check=True)
-                print(f"[accuracy] {label} done in {time.time() - start:.0f} s", flush=True)
-            else:
-                print(f"[accuracy] {label}: cached ({cached.name})")
-            runs.append(json.loads(cached.read_text()))
-        if runs:
-            records[name] = combine_seeds(runs)
+    for name in asked:
+        record = collect_row(name, settings, args.seeds, records, compute=not args.cached_only)
+        if record:
+            records[name] = record
+    # the results files always hold every cached row of their model, so a run of a few rows
+    # (--methods) never drops the others from the tables
+    for model in {ALL[name].model for name in asked}:
+        for name in (n for n, spec in ALL.items() if spec.model == model and n not in records):
+            record = collect_row(name, settings, args.seeds, records, compute=False, quiet=True)
+            if record:
+                records[name] = record
     for model in ("dense", "moe"):
         rows = [record for name, record in records.items() if ALL[name].model == model]
         if rows:
             write_results(rows, settings, model)
     return 0
+
+
+def collect_row(name: str, settings: dict, seeds: list[int], records: dict[str, dict], compute: bool,
+                quiet: bool = False) -> dict | None:
+    """One row from its cached runs at each of its seeds, computing the missing ones where ``compute``
+    (each in a child process); None when no seed of it is cached or computed."""
+    runs = []
+    for seed in seeds_of(name, seeds):
+        label = name + (f" (seed {seed})" if seed else "")
+        recipe = edited_recipe(name, settings, seed)
+        if ALL[name].match_time_of:
+            iters = matched_iterations(name, records)
+            if iters is None:
+                if not quiet:
+                    print(f"[accuracy] {label}: skipped (needs {ALL[name].match_time_of} and autoround{ALL[name].bits} first)")
+                continue
+            from gsq_vllm.recipes import set_modifier_options
+
+            set_modifier_options(recipe, "AutoRoundModifier", iters=iters)
+        cached = cache_file(name, settings, recipe, seed)
+        if not cached.exists() and not compute:
+            if not quiet:
+                print(f"[accuracy] {label}: not cached, left out")
+            continue
+        if not cached.exists():
+            print(f"[accuracy] running {label} ...", flush=True)
+            start = time.time()
+            subprocess.run([sys.executable, __file__, *_passthrough(), "--one", name, "--seed", str(seed),
+                            "--recipe-json", json.dumps(recipe) if recipe else "", "--out", str(cached)], check=True)
+            print(f"[accuracy] {label} done in {time.time() - start:.0f} s", flush=True)
+        elif not quiet:
+            print(f"[accuracy] {label}: cached ({cached.name})")
+        runs.append(json.loads(cached.read_text()))
+    return combine_seeds(runs) if runs else None
 
 
 #: each model's results file stem, its name, and what the results file says of it

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -105,3 +106,25 @@ def test_a_row_over_two_seeds_is_their_mean_with_each_seed_and_the_spread(accura
     assert row["spread"] == pytest.approx({"ce": 0.1, "ce_news": 0.1})
     assert set(row["seeds"]) == {"0", "1"} and row["seeds"]["1"]["ce"] == 3.3
     assert accuracy.combine_seeds(runs[:1]) is runs[0]  # one seed: the row as it was
+
+
+def test_a_run_of_a_few_rows_keeps_every_other_cached_row_in_the_results(accuracy, tmp_path, monkeypatch):
+    """``--methods gsq3`` once rewrote the results file with gsq3 alone, dropping every other row from
+    the README's tables; now the file holds every row cached for the model."""
+    import json
+
+    real_cache = accuracy.CACHE
+    monkeypatch.setattr(accuracy, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    (tmp_path / "cache").mkdir()
+    settings = accuracy.settings_of(accuracy.argparse.Namespace(
+        group_size=64, calibration_samples=128, calibration_seq_len=512, calibration_from_start=False,
+        wiki_windows=10, news_windows=4))
+    for name in ("fp", "gptq3", "gsq3"):  # a real record of each row, under today's key
+        record = next(path for path in real_cache.glob(f"{name}-*.json") if re.fullmatch(rf"{name}-[0-9a-f]{{16}}\.json", path.name))
+        shutil.copy(record, accuracy.cache_file(name, settings, accuracy.edited_recipe(name, settings)))
+
+    monkeypatch.setattr(sys, "argv", ["accuracy.py", "--methods", "gsq3", "--cached-only"])
+    assert accuracy.main() == 0
+    rows = json.loads((tmp_path / "accuracy_smollm2.json").read_text())["results"]
+    assert sorted(row["name"] for row in rows) == ["fp", "gptq3", "gsq3"]
