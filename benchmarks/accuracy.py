@@ -124,6 +124,8 @@ ABLATIONS: dict[str, Method] = {
                             label="default with 200 layer-wise steps (twice the tokens per layer)", ablation=True),
     "gsq3-e2e150": Method("gsq", 3, "gsq_w3a16_g64", {"GSQEndToEndModifier": {"steps": 150}},
                           label="default with 150 end-to-end steps (the 2-bit recipe's budget)", ablation=True),
+    "gsq3-e2e-lr2x": Method("gsq", 3, "gsq_w3a16_g64", {"GSQEndToEndModifier": {"lr": 0.006}},
+                            label="default, end-to-end learning rate doubled (0.006; same 60 steps)", ablation=True),
     "gsq3-e2e-best": Method("gsq", 3, "gsq_w3a16_g64", {"GSQEndToEndModifier": {"keep_best_every": 10}},
                             label="default, end-to-end stage ending on its best held-out step of every 10",
                             ablation=True),
