@@ -13,45 +13,42 @@
 // the ``cpu`` plane layout of gsq_vllm/kernels/planes.py, which owns it): blocks of 16 output rows,
 // each block's words contiguous, so that one thread reads its block front to back (with N
 // contiguous, each of a block's 64-byte loads would touch a new 4 KiB page):
-//   low_plane  int32 [N/16, K/16, 16]: lane r of word [b][w] holds the low two bits of the codes
-//              k = 16w .. 16w+15 of output row n = 16b + r, code i = k%16 = 2j + p at bit 16p + 2j
-//   high_plane int32 [N/16, K/32, 16], 3-bit only (else absent): the codes' third bits,
-//              c = k%32 = 16h + 2j + p at bit 16p + 8h + j of word [b][k/32]
+//   low_plane  int32 [N/16, K/16, 16]: lane r of word [b][w] holds codes of output row n = 16b + r
+//   high_plane int32 [N/16, K/32, 16], 3-bit only (else absent)
 //   scales     fp32  [N/16, K/G, 16]: scales[b][g][r] scales group g of output row 16b + r
-// Even and odd codes sit in the two 16-bit halves of a word so that one 16-bit shift puts a pair
-// (k, k+1) in the low bits of both halves (the bf16 pair a dot-product instruction takes) and one
-// 32-bit shift any single code in the low bits. The unsigned code u = code + 2^(bits-1);
-// weight[n][k] = scale * (u - 2^(bits-1)).
+// 2-bit: word w holds codes k = 16w .. 16w+15, code i = k%16 = 2j + p at bit 16p + 2j: even and
+// odd codes in the two 16-bit halves, so one 16-bit shift puts a pair (k, k+1) in the low bits of
+// both halves (the bf16 pair a dot-product instruction takes) and one 32-bit shift any one code.
+// 3-bit: a chunk of 32 codes c = k%32 fills three words, a = low word 2t, b = low word 2t+1 and
+// c = high word t (t = k/32): code c < 30 whole in word c/10 at bit 3(c%10) (+2 in the high word);
+// codes 30 and 31 with their low two bits at bits 30-31 of a and b, their third bits at bits 0
+// and 1 of the high word. A code's bits side by side: one shift puts it anywhere.
+// The unsigned code u = code + 2^(bits-1); weight[n][k] = scale * (u - 2^(bits-1)).
 //
 // One SIMD lane is one output row (16 per AVX-512 register, 8 per AVX2 register). Shifting the
-// rows' plane words puts one code in each lane's low bits, and one permute turns those bits into
-// the grid level through a small table that repeats with the code's period (no masking for
-// 2-bit codes; 3-bit codes take their third bit from the high plane with one bitwise select).
-// * fp32 path (AVX2+FMA; on AVX-512, 3-bit weights with fp32/fp16 activations or without the bf16
-//   instructions; x widened to fp32): 32-bit lanes, one code per lane per step, FMA with x[m][k]
-//   broadcast. The result equals dequantise-then-matmul in fp32 up to the order of the additions.
-// * 2-bit offset path (any activation dtype on AVX-512F, below the AMX row count; the 2-bit
-//   default there): the code's bits placed in the mantissa of 1.0f make the float 1 + u * 2^-e
-//   with one bitwise instruction, x comes prescaled by 2^e and each group's sum corrected by a
-//   per-row constant (gemm_block_512's OFFSET: faster, a little less precise).
-// * bf16 path (3-bit weights with bf16 activations on AVX-512 BF16 CPUs, below the AMX row count):
-//   a 16-bit shift puts the pairs (k, k+1) and (k+2, k+3) of each row in the low bits of the two
-//   halves of its lane, a 16-bit permute per pair makes them bf16 levels (exact; its table reads
-//   the pair's bits where they are, so one shift serves two pairs), and one dot-product
-//   instruction (vdpbf16ps) accumulates both products of a pair in fp32: twice the weights per
-//   instruction.
-// * AMX path (bf16 activations, 3 rows or more, CPUs with AMX tiles): the same unpacking, stored
-//   as a 16 x 32 bf16 weight tile per 32 inputs, and one tile multiply (tdpbf16ps) for up to 16
-//   rows: the unpacking is paid once per weight instead of once per four rows. Beyond 16 rows,
-//   each block is unpacked once into a per-thread buffer, its scales applied and rounded to bf16
-//   (the numbers of lowbit_dense_mm's rebuilt weight), and multiplied by every 32 rows (then 16)
-//   two blocks at a time, the bf16 results written straight from the tiles: prefill included.
+// rows' words puts one code in each lane's low bits, and one permute turns those bits into the
+// grid level through a small table that repeats with the code's period (no masking).
+// * fp32 path (AVX2+FMA; x widened to fp32): 32-bit lanes, one code per lane per step, FMA with
+//   x[m][k] broadcast. The result equals dequantise-then-matmul in fp32 up to the order of the
+//   additions.
+// * offset path (any activation dtype on AVX-512F, below the AMX row count; the default there):
+//   the code's bits placed in the mantissa of 1.0f make the float 1 + u * 2^-e with one bitwise
+//   instruction, x comes prescaled by 2^e and each group's sum corrected by a per-row constant
+//   (gemm_block_512's OFFSET: faster, a little less precise).
+// * AMX path (bf16 activations, 3 rows or more, CPUs with AMX tiles): the codes unpacked to bf16
+//   levels, pairs (k, k+1) in the two 16-bit halves of a lane, stored as a 16 x 32 bf16 weight
+//   tile per 32 inputs, and one tile multiply (tdpbf16ps) for up to 16 rows: the unpacking is paid
+//   once per weight instead of once per four rows. Beyond 16 rows, each block is unpacked once into
+//   a per-thread buffer, its scales applied and rounded to bf16 (the numbers of lowbit_dense_mm's
+//   rebuilt weight), and multiplied by every 32 rows (then 16) two blocks at a time, the bf16
+//   results written straight from the tiles: prefill included.
 // Sums run per group in several independent accumulators (FMA latency), then are scaled by the
 // 16 output rows' scales into the total.
 //
-// ISA: chosen per call from the CPU (GSQ_VLLM_CPU_ISA=avx2 forces the AVX2 path, =avx512 the
-// AVX-512F fp32 path without the bf16 instructions, =avx512-bf16 the bf16 path without AMX, =none
-// no path at all; for tests); the Python side refuses CPUs with neither AVX-512F nor AVX2+FMA.
+// ISA: chosen per call from the CPU (GSQ_VLLM_CPU_ISA=avx2 forces the AVX2 path, =avx512 AVX-512F
+// without the bf16 instructions (dense_mm's GEMM in fp32), =avx512-bf16 no AMX, =none no path at
+// all; for tests); the Python side refuses CPUs with neither AVX-512F nor AVX2+FMA. The AMX path
+// also asks for AVX512_VBMI (every AMX CPU has it).
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -88,7 +85,7 @@ bool amx_usable() {
   static const bool usable = [] {
     unsigned eax, ebx, ecx, edx;
     if (!GSQ_BUILD_AMX || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    if (!((edx >> 22) & 1) || !((edx >> 24) & 1)) return false;
+    if (!((edx >> 22) & 1) || !((edx >> 24) & 1) || !((ecx >> 1) & 1)) return false;  // + AVX512_VBMI
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
   }();
   return usable;
@@ -132,23 +129,26 @@ GSQ_INLINE void unroll(F&& f) {
   unroll_impl(std::forward<F>(f), std::make_integer_sequence<int, N>{});
 }
 
-// The cpu layout's bit positions (planes.py): slot s = 2j + p of a 16-slot half h of 32 codes.
+// The cpu layout's bit positions (planes.py). 2-bit: slot s = 2j + p of a 16-code word.
 constexpr int low_shift(int s) { return 16 * (s % 2) + 2 * (s / 2); }
-constexpr int high_bit(int h, int s) { return 16 * (s % 2) + 8 * h + s / 2; }
+// 3-bit: code c < 30 of a chunk sits whole in word c / 10 (a, b, high) from this bit
+constexpr int code3_bit(int c) { return 3 * (c % 10) + (c >= 20 ? 2 : 0); }
 
 // Rows of x per pass over a block of the weight (AVX2 has 16 registers, AVX-512 32), and
 // independent accumulators per row: 8 in all, enough to hide the FMA latency.
-// AVX2 by width: a 3-bit code costs seven instructions to decode, which 8 rows share (AVX2 cap,
-// 8 rows of 1536^2: 0.33 ms with 4 rows a pass, 0.29 ms with 8); at 2 bits 8 rows are 3-5% slower
-// than 4 (registers run out).
+// AVX2 by width: 3-bit codes in the previous layout cost seven instructions to decode, which 8 rows
+// shared (AVX2 cap, 8 rows of 1536^2: 0.33 ms with 4 rows a pass, 0.29 ms with 8); at 2 bits 8 rows
+// are 3-5% slower than 4 (registers run out). Today's 3-bit codes decode in two, as 2-bit ones do;
+// the 8 rows a pass were not measured again.
 constexpr int kRows512 = 4;
 constexpr int kRows256 = 8;  // the most rows_256 gives
 constexpr int rows_256(int bits) { return bits == 3 ? 8 : 4; }
 constexpr int chains(int rows) { return 8 / rows; }
-// How far ahead (in 16-lane words of the low plane) the bf16 GEMM prefetches its codes
+// How far ahead (in 16-lane words of the low plane) the GEMM that reads codes as floats prefetches
 constexpr int kPrefetchWords = 16;
-// From this many rows of bf16 x on, AMX tiles beat the dot-product path (one 4096^2 2-bit layer,
-// one core: 1 row 0.53 ms with dot products vs 0.73 ms with tiles, 2 rows 0.80 vs 0.78 ms,
+// From this many rows of bf16 x on, AMX tiles beat decoding in registers (one 4096^2 2-bit layer,
+// one core, against a bf16 dot-product path slower than today's codes read as floats: 1 row
+// 0.53 ms vs 0.73 ms with tiles, 2 rows 0.80 vs 0.78 ms,
 // 8 rows 2.75 vs 0.92 ms)
 constexpr int kAmxMinRows = 3;
 // Blocks of 16 outputs unpacked at a time for many rows: about 1 MiB of bf16, which stays in L2
@@ -170,48 +170,93 @@ inline __m512 table_512() {
   return _mm512_load_ps(values);
 }
 
-// The 16 rows' levels of slot S of half H, from the low word and (3-bit) the 32-slot high word.
-template <int BITS, int H, int S>
-GSQ_INLINE __m512 levels_512(__m512i low, __m512i high, __m512 table) {
-  constexpr int shift = low_shift(S);
-  __m512i index = shift ? _mm512_srli_epi32(low, shift) : low;
-  if constexpr (BITS == 3) {
-    constexpr int bit = high_bit(H, S);
-    __m512i up = bit >= 2 ? _mm512_srli_epi32(high, bit - 2) : _mm512_slli_epi32(high, 2 - bit);
-    index = _mm512_ternarylogic_epi32(index, up, _mm512_set1_epi32(3), 0xE4);  // bits 0-1 from index, rest from up
-  }
-  return _mm512_permutexvar_ps(index, table);  // uses the index's low 4 bits
+template <int S>
+GSQ_INLINE __m512i shift_512(__m512i v) {  // v << S (S < 0: a logical right shift by -S)
+  if constexpr (S > 0) return _mm512_slli_epi32(v, S);
+  else if constexpr (S < 0) return _mm512_srli_epi32(v, -S);
+  else return v;
 }
 
-// ---- 2-bit codes read as floats (AVX-512F, any activation dtype widened to fp32)
-// A code u in mantissa bits b, b+1 of 1.0f reads as the float 1 + u * 2^(b-23): one bitwise
-// instruction ((view & mask) | 1.0f, vpternlogd) makes 16 rows' values of a slot, where the table
-// path spends a shift and a permute. Each slot's code is read from one of four shifted views of
-// its word (four shifts per 16 codes instead of fifteen) at the bit b = offset_bit(s) in
-// {15, 17, 19, 21}. x comes prescaled, xs[k] = x[k] * 2^(23 - b) (exact), so value * xs = xs + u x,
-// and each group's sum is corrected once per row by corr = the group's sum of (xs + 2 x): what
-// remains is the sum of (u - 2) x, the level times x. The price is precision: the fp32 sums carry
-// terms up to 2^8 times the products they stand for, so their rounding error is about that much
-// above the table path's (random bf16 x, K = 8192: max error 1e-5 of max |y|, 0.6% of bf16
-// outputs one unit off the exact product's rounding; exactly representable inputs stay exact).
-// Why: on Sapphire Rapids-class cores vdpbf16ps issues once per two cycles and the fp32 FMA
-// twice per cycle, so FMAs fed by one bitwise instruction per 16 weights beat both the bf16 path
-// and the table path below the tiles' row count (8192^2, 2 cores, one row: 0.80 ms vs 1.06 ms on
-// the bf16 path).
-constexpr int offset_view(int s) { return low_shift(s) / 8; }  // code bits 0-6, 8-14, 16-22, 24-30
+// Code C (0-31) of a 32-code chunk in the low bits of each lane (anything above them), from the
+// chunk's words: w0, w1 from the low plane, hi from the high plane (3-bit).
+template <int BITS, int C>
+GSQ_INLINE __m512i code_index_512(__m512i w0, __m512i w1, __m512i hi) {
+  if constexpr (BITS == 2) return shift_512<-low_shift(C % 16)>(C < 16 ? w0 : w1);
+  else if constexpr (C < 30) return shift_512<-code3_bit(C)>(C < 10 ? w0 : C < 20 ? w1 : hi);
+  else if constexpr (C == 30) return _mm512_or_si512(_mm512_srli_epi32(w0, 30), _mm512_slli_epi32(hi, 2));
+  else return _mm512_ternarylogic_epi32(_mm512_srli_epi32(w1, 30), _mm512_slli_epi32(hi, 1), _mm512_set1_epi32(4), 0xF8);
+}
+
+// The 16 rows' levels of code C of a chunk
+template <int BITS, int C>
+GSQ_INLINE __m512 level_512(__m512i w0, __m512i w1, __m512i hi, __m512 table) {
+  return _mm512_permutexvar_ps(code_index_512<BITS, C>(w0, w1, hi), table);  // uses the index's low 4 bits
+}
+
+// ---- codes read as floats (AVX-512F, any activation dtype widened to fp32)
+// A code u in mantissa bits b .. b+bits-1 of 1.0f reads as the float 1 + u * 2^(b-23): one bitwise
+// instruction ((view & mask) | 1.0f, vpternlogd) makes 16 rows' values of a code, where the table
+// path spends a shift and a permute. Each code is read from one of a few shifted views of its word:
+// 2-bit, four views per 16 codes, b in {15, 17, 19, 21}; 3-bit, four views per 10 codes, b in
+// {14, 17, 20} (a chunk's codes 30 and 31, split over two words, take two instructions more each).
+// x comes prescaled, xs[k] = x[k] * 2^(23 - b) (exact), so value * xs = xs + u x, and each group's
+// sum is corrected once per row by corr = the group's sum of (xs + 2^(bits-1) x): what remains is
+// the sum of (u - 2^(bits-1)) x, the level times x. The price is precision: the fp32 sums carry
+// terms up to 2^8 (2-bit) or 2^9 (3-bit) times the products they stand for, so their rounding
+// error is about that much above the table path's (2-bit, random bf16 x, K = 8192: max error 1e-5
+// of max |y|, 0.6% of bf16 outputs one unit off the exact product's rounding; exactly
+// representable inputs stay exact).
+// Why: on Sapphire Rapids-class cores vdpbf16ps issues once per two cycles and the fp32 FMA twice
+// per cycle, so FMAs fed by one bitwise instruction per 16 weights beat both a bf16 dot-product
+// path and the table path below the tiles' row count (8192^2, 2 cores, one row: 2-bit 0.80 ms vs
+// 1.06 ms with vdpbf16ps; 3-bit, one core, codes in L2: 40 vs 27 G weights/s against vdpbf16ps on
+// the previous 3-bit layout, whose third bits sat in a plane of their own).
+constexpr int offset_view(int s) { return low_shift(s) / 8; }  // 2-bit: code bits 0-6, 8-14, 16-22, 24-30
 constexpr int kOffsetViewShift[4] = {15, 7, -1, -9};               // left shift of each view (< 0: right)
 constexpr int offset_bit(int s) { return low_shift(s) + kOffsetViewShift[offset_view(s)]; }
+// 3-bit: view v of word w (a, b, high), shifted left by this, has its codes 3v .. 3v+2 at bits 14, 17, 20
+constexpr int offset_view_shift3(int w, int v) { return 14 - 9 * v - (w == 2 ? 2 : 0); }
+constexpr int offset_bit3(int c) { return c < 30 ? 14 + 3 * (c % 10 % 3) : 14; }
+// The mantissa bit where code c of a 32-code chunk is read
+template <int BITS>
+constexpr int offset_bit_of(int c) { return BITS == 2 ? offset_bit(c % 16) : offset_bit3(c); }
 
-// y[m][n0:n0+16] for ROWS rows of fp32 x, the whole K. OFFSET (2-bit only): the codes read as
-// floats, x prescaled and each group's sum corrected by corr [rows, K/group] (see above).
-template <int BITS, int ROWS, bool OFFSET = false>
+// The 32 codes of a chunk read as floats: f(code C as an integral constant, its 16 rows' values).
+template <int BITS, typename F>
+GSQ_INLINE void offset_values_512(__m512i w0, __m512i w1, __m512i hi, F&& f) {
+  const __m512i one = _mm512_set1_epi32(0x3F800000);
+  auto read = [&](__m512i view, auto c) {
+    const __m512i mask = _mm512_set1_epi32(((1 << BITS) - 1) << offset_bit_of<BITS>(c));
+    f(c, _mm512_castsi512_ps(_mm512_ternarylogic_epi32(view, one, mask, 0xEC)));  // (view & mask) | one
+  };
+  if constexpr (BITS == 2) {
+    const __m512i words[2] = {w0, w1};
+    unroll<2>([&](auto h) {
+      __m512i views[4];
+      unroll<4>([&](auto v) { views[v] = shift_512<kOffsetViewShift[v]>(words[h]); });
+      unroll<16>([&](auto s) { read(views[offset_view(s)], std::integral_constant<int, 16 * h + s>{}); });
+    });
+  } else {
+    const __m512i words[3] = {w0, w1, hi};
+    unroll<3>([&](auto w) {
+      __m512i views[4];
+      unroll<4>([&](auto v) { views[v] = shift_512<offset_view_shift3(w, v)>(words[w]); });
+      unroll<10>([&](auto i) { read(views[i / 3], std::integral_constant<int, 10 * w + i>{}); });
+    });
+    // code 30: bits 30-31 of a to 14-15, bit 0 of the high word to 16; code 31 likewise from b and bit 1
+    read(_mm512_or_si512(_mm512_srli_epi32(w0, 16), _mm512_slli_epi32(hi, 16)), std::integral_constant<int, 30>{});
+    read(_mm512_ternarylogic_epi32(_mm512_srli_epi32(w1, 16), _mm512_slli_epi32(hi, 15), _mm512_set1_epi32(3 << 14), 0xE4),
+         std::integral_constant<int, 31>{});  // bits 14-15 from b, the others from the high word
+  }
+}
+
+// y[m][n0:n0+16] for ROWS rows of prescaled fp32 x, the whole K: codes read as floats, each
+// group's sum corrected by corr [rows, K/group] (see above).
+template <int BITS, int ROWS>
 void gemm_block_512(const float* x, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
                     const float* scales, int64_t N, int64_t group, float* y, int64_t ldy, int64_t n0,
-                    const float* corr = nullptr, int64_t ldc = 0) {
-  static_assert(!OFFSET || BITS == 2, "codes are read as floats at 2 bits only");
+                    const float* corr, int64_t ldc) {
   constexpr int CH = chains(ROWS);
-  const __m512 table = table_512<BITS>();
-  const __m512i one = _mm512_set1_epi32(0x3F800000);
   __m512 total[ROWS];
   for (int r = 0; r < ROWS; ++r) total[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < K / group; ++g) {
@@ -219,39 +264,23 @@ void gemm_block_512(const float* x, int64_t ldx, int64_t K, const int32_t* low, 
     for (int r = 0; r < ROWS; ++r)
       for (int c = 0; c < CH; ++c) sum[r][c] = _mm512_setzero_ps();
     for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-      if constexpr (OFFSET) {
-        _mm_prefetch(reinterpret_cast<const char*>(low + (k / 16 + kPrefetchWords) * 16), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(low + (k / 16 + kPrefetchWords + 1) * 16), _MM_HINT_T0);
-      }
-      const __m512i hiword = BITS == 3 ? _mm512_loadu_si512(high + (k / 32) * 16) : _mm512_setzero_si512();
-      unroll<2>([&](auto h) {
-        const __m512i word = _mm512_loadu_si512(low + (k / 16 + h) * 16);
-        __m512i views[4];  // OFFSET: the four shifted views of the word
-        if constexpr (OFFSET) {
-          views[0] = _mm512_slli_epi32(word, kOffsetViewShift[0]);
-          views[1] = _mm512_slli_epi32(word, kOffsetViewShift[1]);
-          views[2] = _mm512_srli_epi32(word, -kOffsetViewShift[2]);
-          views[3] = _mm512_srli_epi32(word, -kOffsetViewShift[3]);
-        }
-        const float* xk = x + k + 16 * h;
-        unroll<16>([&](auto s) {
-          __m512 value;
-          if constexpr (OFFSET) {
-            const __m512i mask = _mm512_set1_epi32(3 << offset_bit(s));
-            value = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(views[offset_view(s)], one, mask, 0xEC));
-          } else {
-            value = levels_512<BITS, h, s>(word, hiword, table);
-          }
-          for (int r = 0; r < ROWS; ++r)
-            sum[r][s % CH] = _mm512_fmadd_ps(value, _mm512_set1_ps(xk[r * ldx + s]), sum[r][s % CH]);
-        });
+      // the codes 1 KiB ahead (8192^2, 2 cores, 3-bit on vdpbf16ps: 1.24 ms vs 1.38 ms without)
+      _mm_prefetch(reinterpret_cast<const char*>(low + (k / 16 + kPrefetchWords) * 16), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(low + (k / 16 + kPrefetchWords + 1) * 16), _MM_HINT_T0);
+      if (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(high + (k / 32 + kPrefetchWords / 2) * 16), _MM_HINT_T0);
+      const __m512i w0 = _mm512_loadu_si512(low + (k / 16) * 16), w1 = _mm512_loadu_si512(low + (k / 16 + 1) * 16);
+      const __m512i hi = BITS == 3 ? _mm512_loadu_si512(high + (k / 32) * 16) : _mm512_setzero_si512();
+      const float* xk = x + k;
+      offset_values_512<BITS>(w0, w1, hi, [&](auto c, __m512 value) {
+        for (int r = 0; r < ROWS; ++r)
+          sum[r][c % CH] = _mm512_fmadd_ps(value, _mm512_set1_ps(xk[r * ldx + c]), sum[r][c % CH]);
       });
     }
     const __m512 scale = _mm512_loadu_ps(scales + g * 16);
     for (int r = 0; r < ROWS; ++r) {
       __m512 acc = sum[r][0];
       for (int c = 1; c < CH; ++c) acc = _mm512_add_ps(acc, sum[r][c]);
-      if constexpr (OFFSET) acc = _mm512_sub_ps(acc, _mm512_set1_ps(corr[r * ldc + g]));
+      acc = _mm512_sub_ps(acc, _mm512_set1_ps(corr[r * ldc + g]));
       total[r] = _mm512_fmadd_ps(acc, scale, total[r]);
     }
   }
@@ -273,50 +302,45 @@ void dequantize_chunk_512(int64_t k0, const int32_t* low, const int32_t* high, c
                           int64_t K, int64_t group, int64_t N, void* out, int64_t n0) {
   const __m512 table = table_512<BITS>();
   __m512 scale[BLOCKS];
-  __m512i hiword[BLOCKS];
+  __m512i w0[BLOCKS], w1[BLOCKS], hi[BLOCKS];
   for (int b = 0; b < BLOCKS; ++b) {
     scale[b] = _mm512_loadu_ps(scales + b * (K / group) * 16 + (k0 / group) * 16);
-    hiword[b] = BITS == 3 ? _mm512_loadu_si512(high + b * (K / 2) + (k0 / 32) * 16) : _mm512_setzero_si512();
+    w0[b] = _mm512_loadu_si512(low + b * K + (k0 / 16) * 16);
+    w1[b] = _mm512_loadu_si512(low + b * K + (k0 / 16 + 1) * 16);
+    hi[b] = BITS == 3 ? _mm512_loadu_si512(high + b * (K / 2) + (k0 / 32) * 16) : _mm512_setzero_si512();
   }
-  unroll<2>([&](auto h) {
-    __m512i word[BLOCKS];
-    for (int b = 0; b < BLOCKS; ++b) word[b] = _mm512_loadu_si512(low + b * K + (k0 / 16 + h) * 16);
-    unroll<16>([&](auto s) {
-      const int64_t row = k0 + 16 * h + s;
-      __m512 value[BLOCKS];
-      for (int b = 0; b < BLOCKS; ++b) value[b] = _mm512_mul_ps(levels_512<BITS, h, s>(word[b], hiword[b], table), scale[b]);
-      if constexpr (BF16 && BLOCKS == 2) {
-        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_512(value[0])), to_bf16_512(value[1]), 1);
-        _mm512_storeu_si512(static_cast<uint16_t*>(out) + row * N + n0, both);
-      } else if constexpr (BF16) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + row * N + n0), to_bf16_512(value[0]));
-      } else {
-        for (int b = 0; b < BLOCKS; ++b) _mm512_storeu_ps(static_cast<float*>(out) + row * N + n0 + 16 * b, value[b]);
-      }
-    });
+  unroll<32>([&](auto c) {
+    const int64_t row = k0 + c;
+    __m512 value[BLOCKS];
+    for (int b = 0; b < BLOCKS; ++b) value[b] = _mm512_mul_ps(level_512<BITS, c>(w0[b], w1[b], hi[b], table), scale[b]);
+    if constexpr (BF16 && BLOCKS == 2) {
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_512(value[0])), to_bf16_512(value[1]), 1);
+      _mm512_storeu_si512(static_cast<uint16_t*>(out) + row * N + n0, both);
+    } else if constexpr (BF16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + row * N + n0), to_bf16_512(value[0]));
+    } else {
+      for (int b = 0; b < BLOCKS; ++b) _mm512_storeu_ps(static_cast<float*>(out) + row * N + n0 + 16 * b, value[b]);
+    }
   });
 }
 
 #pragma GCC pop_options
 
-// ------------------------------------------------------------------------- AVX-512 BF16 (bf16 x)
+// ------------------------------------- bf16 code pairs (for the AMX tiles: AMX CPUs have AVX512_VBMI)
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512bf16")
+#pragma GCC target("avx512f,avx512bw,avx512vbmi")
 
-// A 32-entry bf16 table (one vpermw, which reads 5 index bits) mapping an index word to the level of
-// one pair slot. SLOT 0 reads the code's low bits from index bits 0-1, SLOT 1 from bits 2-3, so one
-// shifted word serves two pairs: a shift per two dot products instead of one. A 3-bit code's third
-// bit sits at bit 4 (SLOT 0) or 5 (SLOT 1), out of vpermw's reach for SLOT 1: its index is shifted
-// right by two more bits, which leaves its low bits at 0-1 and its third bit at 3. (vpermt2w reads
-// all 6 bits with a 64-entry table, but a shift and vpermw are cheaper: 3-bit, one row, 2 cores,
-// 8192^2 1.23 ms with vpermt2w, 1.15 ms this way.)
+// Pairs of codes (k, k+1) as bf16 levels in the two 16-bit halves of each lane (the VNNI order a
+// tile multiply reads), 16 rows in the lanes, through one vpermw (which reads 5 index bits) per
+// pair and a 32-entry table. 2-bit: a 16-bit shift puts pairs (k, k+1) and (k+2, k+3) in the low
+// bits of both halves; SLOT 0's table reads bits 0-1, SLOT 1's bits 2-3, so one shift serves two
+// pairs. 3-bit: one table for every pair, repeating every 8 (the bits above a code are ignored).
 template <int BITS, int SLOT>
 inline __m512i pair_table_bf16() {
   alignas(64) uint16_t values[32];
   for (int i = 0; i < 32; ++i) {
-    int code = SLOT == 0 || BITS == 3 ? (i & 3) : ((i >> 2) & 3);
-    if (BITS == 3) code |= ((i >> (SLOT == 0 ? 4 : 3)) & 1) << 2;
+    const int code = BITS == 3 ? (i & 7) : SLOT == 0 ? (i & 3) : ((i >> 2) & 3);
     const float v = level<BITS>(code);
     uint32_t bits;
     std::memcpy(&bits, &v, 4);
@@ -326,7 +350,7 @@ inline __m512i pair_table_bf16() {
 }
 
 struct PairTables {
-  __m512i even, odd;
+  __m512i even, odd;  // 3-bit: the same table twice
 };
 
 template <int BITS>
@@ -334,65 +358,43 @@ inline PairTables pair_tables_bf16() {
   return {pair_table_bf16<BITS, 0>(), pair_table_bf16<BITS, 1>()};
 }
 
-// The bf16 levels of pairs j = 2Q and 2Q + 1 of half H of a 32-k chunk, 16 rows in the lanes:
-// (k+2j, k+2j+1) in the two 16-bit halves of each lane, the VNNI order of a pair.
-template <int BITS, int H, int Q>
-GSQ_INLINE void pair_levels_bf16(__m512i word, __m512i hiword, const PairTables& t, __m512i& even, __m512i& odd) {
-  __m512i index = Q ? _mm512_srli_epi16(word, 4 * Q) : word;
-  if constexpr (BITS == 3) {
-    constexpr int bit = 8 * H + 2 * Q;  // the two pairs' third bits, moved to bits 4 and 5
-    const __m512i up = bit >= 4 ? _mm512_srli_epi16(hiword, bit - 4) : _mm512_slli_epi16(hiword, 4 - bit);
-    index = _mm512_ternarylogic_epi32(index, up, _mm512_set1_epi16(15), 0xE4);  // bits 0-3 from index
-    even = _mm512_permutexvar_epi16(index, t.even);
-    odd = _mm512_permutexvar_epi16(_mm512_srli_epi16(index, 2), t.odd);  // third bit 5 -> 3 (see the table)
-  } else {
-    even = _mm512_permutexvar_epi16(index, t.even);
-    odd = _mm512_permutexvar_epi16(index, t.odd);
+// 3-bit pair P (codes 2P, 2P+1 of a chunk): code 2P in bits 0-2 of each lane's low half, code 2P+1
+// in bits 16-18 (anything above them): one vpmultishiftqb, which copies the byte at any bit offset
+// of a 64-bit word (two lanes) to each byte.
+template <int P>
+GSQ_INLINE __m512i pair_index_3bit(__m512i w0, __m512i w1, __m512i hi) {
+  if constexpr (P < 15) {
+    constexpr int64_t bit = code3_bit(2 * P);  // code 2P+1 sits three bits above code 2P
+    constexpr int64_t offsets = bit | (bit + 3) << 16 | (bit + 32) << 32 | (bit + 35) << 48;
+    return _mm512_multishift_epi64_epi8(_mm512_set1_epi64(offsets), 2 * P < 10 ? w0 : 2 * P < 20 ? w1 : hi);
+  } else {  // codes 30 and 31: low bits from a and b, third bits from bits 0 and 1 of the high word
+    const __m512i even = _mm512_or_si512(_mm512_srli_epi32(w0, 30), _mm512_slli_epi32(hi, 2));
+    const __m512i odd = _mm512_ternarylogic_epi32(_mm512_srli_epi32(w1, 14), _mm512_slli_epi32(hi, 17),
+                                                  _mm512_set1_epi32(3 << 16), 0xE4);  // bits 16-17 from b
+    return _mm512_mask_blend_epi16(0xAAAAAAAA, even, odd);
   }
 }
 
-// y[m][n0:n0+16] for ROWS rows of bf16 x: pairs (k, k+1) per dot-product instruction.
-template <int BITS, int ROWS>
-void gemm_block_bf16(const uint16_t* x, int64_t ldx, int64_t K, const int32_t* low, const int32_t* high,
-                     const float* scales, int64_t N, int64_t group, float* y, int64_t ldy, int64_t n0) {
-  constexpr int CH = chains(ROWS);
-  const PairTables tables = pair_tables_bf16<BITS>();
-  __m512 total[ROWS];
-  for (int r = 0; r < ROWS; ++r) total[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < K / group; ++g) {
-    __m512 sum[ROWS][CH];
-    for (int r = 0; r < ROWS; ++r)
-      for (int c = 0; c < CH; ++c) sum[r][c] = _mm512_setzero_ps();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-      const __m512i hiword = BITS == 3 ? _mm512_loadu_si512(high + (k / 32) * 16) : _mm512_setzero_si512();
-      // the codes 1 KiB ahead (8192^2, 2 cores, 3-bit: 1.24 ms vs 1.38 ms without the prefetch)
-      _mm_prefetch(reinterpret_cast<const char*>(low + (k / 16 + kPrefetchWords) * 16), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(low + (k / 16 + kPrefetchWords + 1) * 16), _MM_HINT_T0);
-      if (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(high + (k / 32 + kPrefetchWords / 2) * 16), _MM_HINT_T0);
-      unroll<2>([&](auto h) {
-        const __m512i word = _mm512_loadu_si512(low + (k / 16 + h) * 16);
-        unroll<4>([&](auto q) {  // pairs j = 2q and 2q + 1
-          __m512i even, odd;
-          pair_levels_bf16<BITS, h, q>(word, hiword, tables, even, odd);
-          for (int r = 0; r < ROWS; ++r) {
-            int32_t pair_even, pair_odd;
-            std::memcpy(&pair_even, x + r * ldx + k + 16 * h + 4 * q, 4);
-            std::memcpy(&pair_odd, x + r * ldx + k + 16 * h + 4 * q + 2, 4);
-            constexpr int ce = (2 * q) % CH, co = (2 * q + 1) % CH;
-            sum[r][ce] = _mm512_dpbf16_ps(sum[r][ce], (__m512bh)even, (__m512bh)_mm512_set1_epi32(pair_even));
-            sum[r][co] = _mm512_dpbf16_ps(sum[r][co], (__m512bh)odd, (__m512bh)_mm512_set1_epi32(pair_odd));
-          }
-        });
+// The 16 bf16 pairs of the 32-code chunk at k of a block, stored as w[pair][16 rows x 2]: the
+// weight tile a tile multiply reads. (It stores rather than hand each pair to a callback: a lambda
+// from the AMX functions, compiled for more instruction sets, could not be inlined here.)
+template <int BITS>
+GSQ_INLINE void unpack_chunk(int64_t k, const int32_t* low, const int32_t* high, const PairTables& t, uint16_t* w) {
+  auto f = [&](auto p, __m512i levels) { _mm512_store_si512(w + p * 32, levels); };
+  const __m512i w0 = _mm512_loadu_si512(low + (k / 16) * 16), w1 = _mm512_loadu_si512(low + (k / 16 + 1) * 16);
+  if constexpr (BITS == 2) {
+    const __m512i words[2] = {w0, w1};
+    unroll<2>([&](auto h) {
+      unroll<4>([&](auto q) {  // pairs 8h + 2q and 8h + 2q + 1
+        const __m512i index = q ? _mm512_srli_epi16(words[h], 4 * q) : words[h];
+        f(std::integral_constant<int, 8 * h + 2 * q>{}, _mm512_permutexvar_epi16(index, t.even));
+        f(std::integral_constant<int, 8 * h + 2 * q + 1>{}, _mm512_permutexvar_epi16(index, t.odd));
       });
-    }
-    const __m512 scale = _mm512_loadu_ps(scales + g * 16);
-    for (int r = 0; r < ROWS; ++r) {
-      __m512 acc = sum[r][0];
-      for (int c = 1; c < CH; ++c) acc = _mm512_add_ps(acc, sum[r][c]);
-      total[r] = _mm512_fmadd_ps(acc, scale, total[r]);
-    }
+    });
+  } else {
+    const __m512i hi = _mm512_loadu_si512(high + (k / 32) * 16);
+    unroll<16>([&](auto p) { f(p, _mm512_permutexvar_epi16(pair_index_3bit<p>(w0, w1, hi), t.even)); });
   }
-  for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(y + r * ldy + n0, total[r]);
 }
 
 #pragma GCC pop_options
@@ -409,16 +411,29 @@ inline __m256 table_256() {
   return _mm256_load_ps(values);
 }
 
-template <int BITS, int H, int S>
-GSQ_INLINE __m256 levels_256(__m256i low, __m256i high, __m256 table) {
-  constexpr int shift = low_shift(S);
-  __m256i index = shift ? _mm256_srli_epi32(low, shift) : low;
-  if constexpr (BITS == 3) {
-    constexpr int bit = high_bit(H, S);
-    const __m256i up = bit >= 2 ? _mm256_srli_epi32(high, bit - 2) : _mm256_slli_epi32(high, 2 - bit);
-    index = _mm256_or_si256(_mm256_and_si256(index, _mm256_set1_epi32(3)), _mm256_and_si256(up, _mm256_set1_epi32(4)));
-  }
+template <int S>
+GSQ_INLINE __m256i shift_256(__m256i v) {  // v << S (S < 0: a logical right shift by -S)
+  if constexpr (S > 0) return _mm256_slli_epi32(v, S);
+  else if constexpr (S < 0) return _mm256_srli_epi32(v, -S);
+  else return v;
+}
+
+// The 8 rows' levels of code C of a chunk (see code_index_512)
+template <int BITS, int C>
+GSQ_INLINE __m256 level_256(__m256i w0, __m256i w1, __m256i hi, __m256 table) {
+  __m256i index;
+  if constexpr (BITS == 2) index = shift_256<-low_shift(C % 16)>(C < 16 ? w0 : w1);
+  else if constexpr (C < 30) index = shift_256<-code3_bit(C)>(C < 10 ? w0 : C < 20 ? w1 : hi);
+  else if constexpr (C == 30) index = _mm256_or_si256(_mm256_srli_epi32(w0, 30), _mm256_slli_epi32(hi, 2));
+  else index = _mm256_or_si256(_mm256_srli_epi32(w1, 30), _mm256_and_si256(_mm256_slli_epi32(hi, 1), _mm256_set1_epi32(4)));
   return _mm256_permutevar8x32_ps(table, index);  // uses the index's low 3 bits
+}
+
+// The chunk at k0 of a half block (8 lanes): its three words (the high one zero at 2 bits)
+GSQ_INLINE void chunk_words_256(int64_t k0, const int32_t* low, const int32_t* high, __m256i& w0, __m256i& w1, __m256i& hi) {
+  w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + (k0 / 16) * 16));
+  w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + (k0 / 16 + 1) * 16));
+  hi = high ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high + (k0 / 32) * 16)) : _mm256_setzero_si256();
 }
 
 template <int BITS, int ROWS>
@@ -433,16 +448,13 @@ void gemm_block_256(const float* x, int64_t ldx, int64_t K, const int32_t* low, 
     for (int r = 0; r < ROWS; ++r)
       for (int c = 0; c < CH; ++c) sum[r][c] = _mm256_setzero_ps();
     for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-      const __m256i hiword = BITS == 3 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high + (k / 32) * 16))
-                                       : _mm256_setzero_si256();
-      unroll<2>([&](auto h) {
-        const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + (k / 16 + h) * 16));
-        const float* xk = x + k + 16 * h;
-        unroll<16>([&](auto s) {
-          const __m256 value = levels_256<BITS, h, s>(word, hiword, table);
-          for (int r = 0; r < ROWS; ++r)
-            sum[r][s % CH] = _mm256_fmadd_ps(value, _mm256_set1_ps(xk[r * ldx + s]), sum[r][s % CH]);
-        });
+      __m256i w0, w1, hi;
+      chunk_words_256(k, low, BITS == 3 ? high : nullptr, w0, w1, hi);
+      const float* xk = x + k;
+      unroll<32>([&](auto c) {
+        const __m256 value = level_256<BITS, c>(w0, w1, hi, table);
+        for (int r = 0; r < ROWS; ++r)
+          sum[r][c % CH] = _mm256_fmadd_ps(value, _mm256_set1_ps(xk[r * ldx + c]), sum[r][c % CH]);
       });
     }
     const __m256 scale = _mm256_loadu_ps(scales + g * 16);
@@ -461,25 +473,22 @@ void dequantize_chunk_256(int64_t k0, const int32_t* low, const int32_t* high, c
                           int64_t N, int64_t group, void* out, int64_t n0) {
   const __m256 table = table_256<BITS>();
   const __m256 scale = _mm256_loadu_ps(scales + (k0 / group) * 16);
-  const __m256i hiword = BITS == 3 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high + (k0 / 32) * 16))
-                                   : _mm256_setzero_si256();
-  unroll<2>([&](auto h) {
-    const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + (k0 / 16 + h) * 16));
-    unroll<16>([&](auto s) {
-      const __m256 value = _mm256_mul_ps(levels_256<BITS, h, s>(word, hiword, table), scale);
-      const int64_t row = k0 + 16 * h + s;
-      if constexpr (BF16) {
-        __m256i bits = _mm256_castps_si256(value);
-        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-        bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-        // 8 dwords -> 8 words: pack within 128-bit lanes, then bring the two lanes' halves together
-        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + row * N + n0),
-                         _mm256_castsi256_si128(packed));
-      } else {
-        _mm256_storeu_ps(static_cast<float*>(out) + row * N + n0, value);
-      }
-    });
+  __m256i w0, w1, hi;
+  chunk_words_256(k0, low, BITS == 3 ? high : nullptr, w0, w1, hi);
+  unroll<32>([&](auto c) {
+    const __m256 value = _mm256_mul_ps(level_256<BITS, c>(w0, w1, hi, table), scale);
+    const int64_t row = k0 + c;
+    if constexpr (BF16) {
+      __m256i bits = _mm256_castps_si256(value);
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+      bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+      // 8 dwords -> 8 words: pack within 128-bit lanes, then bring the two lanes' halves together
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + row * N + n0),
+                       _mm256_castsi256_si128(packed));
+    } else {
+      _mm256_storeu_ps(static_cast<float*>(out) + row * N + n0, value);
+    }
   });
 }
 
@@ -490,7 +499,7 @@ void dequantize_chunk_256(int64_t k0, const int32_t* low, const int32_t* high, c
 
 #if GSQ_BUILD_AMX
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")
+#pragma GCC target("avx512f,avx512bw,avx512vbmi,avx512bf16,amx-tile,amx-bf16")
 
 // Tiles: 0 and 1 = a group's fp32 sums [rows x 16] (groups in turn), 2 and 3 = x [rows x 32 bf16],
 // 4 and 5 = the weight chunk [16 pairs x 16 outputs x 2] (chunks in turn): tiles are not renamed,
@@ -512,23 +521,6 @@ void load_tile_config(int64_t rows) {
 }
 
 void release_tiles() { _tile_release(); }
-
-// One 32-k chunk of a block: its codes unpacked exactly as in gemm_block_bf16 but stored as the
-// weight tile (the registers' 16 lanes of (k, k+1) pairs are the VNNI rows tdpbf16ps reads), then
-// multiplied with the rows of x into the group's sums tile C. T = the chunk's turn of tiles.
-template <int BITS>
-GSQ_INLINE void unpack_chunk(int64_t k, const int32_t* low, const int32_t* high, const PairTables& tables, uint16_t* w) {
-  const __m512i hiword = BITS == 3 ? _mm512_loadu_si512(high + (k / 32) * 16) : _mm512_setzero_si512();
-  unroll<2>([&](auto h) {
-    const __m512i word = _mm512_loadu_si512(low + (k / 16 + h) * 16);
-    unroll<4>([&](auto q) {
-      __m512i even, odd;
-      pair_levels_bf16<BITS, h, q>(word, hiword, tables, even, odd);
-      _mm512_store_si512(w + (8 * h + 2 * q) * 32, even);  // pair 8h + 2q of the chunk
-      _mm512_store_si512(w + (8 * h + 2 * q + 1) * 32, odd);
-    });
-  });
-}
 
 // sums tile C += x[:, k:k+32] (rows of x at xk, stride ldx) @ the unpacked chunk w; T = turn of tiles
 template <int C, int T>
@@ -745,8 +737,8 @@ void gemm_many_rows_amx(const uint16_t*, int64_t, int64_t, const int32_t*, const
 // ------------------------------------------------------------------------------------ dispatch
 
 // One block of 16 output rows, every row of x, in passes of up to ROWS rows. The plane and scale
-// pointers point at the block (blocked layout: 16 words per k-row, see check_planes). corr (2-bit
-// on AVX-512 only): x is prescaled for the offset path of gemm_block_512, corr [rows, K/group].
+// pointers point at the block (blocked layout: 16 words per k-row, see check_planes). On AVX-512,
+// x is prescaled for the offset path of gemm_block_512 and corr is its [rows, K/group].
 template <int BITS>
 void gemm_block(Isa isa, const void* x, int64_t rows, int64_t K, const int32_t* low, const int32_t* high,
                 const float* scales, int64_t N, int64_t group, float* y, int64_t n0, const float* corr) {
@@ -758,19 +750,9 @@ void gemm_block(Isa isa, const void* x, int64_t rows, int64_t K, const int32_t* 
       constexpr int R = r + 1;
       if (count != R) return;
       if constexpr (R <= kRows512) {
-        if constexpr (BITS == 2) {
-          if (corr) {
-            gemm_block_512<2, R, true>(static_cast<const float*>(x) + m * K, K, K, low, high, scales, N, group, ym, N,
-                                       n0, corr + m * (K / group), K / group);
-            return;
-          }
-        }
-        if (isa == Isa::kAvx512Bf16) {
-          gemm_block_bf16<BITS, R>(static_cast<const uint16_t*>(x) + m * K, K, K, low, high, scales, N, group, ym, N, n0);
-          return;
-        }
-        if (isa == Isa::kAvx512) {
-          gemm_block_512<BITS, R>(static_cast<const float*>(x) + m * K, K, K, low, high, scales, N, group, ym, N, n0);
+        if (isa != Isa::kAvx2) {
+          gemm_block_512<BITS, R>(static_cast<const float*>(x) + m * K, K, K, low, high, scales, N, group, ym, N, n0,
+                                  corr + m * (K / group), K / group);
           return;
         }
       }
@@ -783,12 +765,13 @@ void gemm_block(Isa isa, const void* x, int64_t rows, int64_t K, const int32_t* 
   }
 }
 
-// (xs, corr) for the offset path of gemm_block_512: xs = x * 2^(23 - offset_bit(k % 16)) (exact), corr [M, K/group]
-// = the group's sum of xs + 2 x, summed in double and rounded once.
-std::pair<at::Tensor, at::Tensor> prescale_for_offset(const at::Tensor& x, int64_t group) {
+// (xs, corr) for the offset path of gemm_block_512: xs = x * 2^(23 - offset bit of k % 32) (exact),
+// corr [M, K/group] = the group's sum of xs + 2^(bits-1) x, summed in double and rounded once.
+std::pair<at::Tensor, at::Tensor> prescale_for_offset(const at::Tensor& x, int64_t group, int64_t bits) {
   const int64_t M = x.size(0), K = x.size(1), groups = K / group;
-  float factor[16];
-  unroll<16>([&](auto s) { factor[s] = std::ldexp(1.0f, 23 - offset_bit(s)); });
+  float factor[32];
+  unroll<32>([&](auto c) { factor[c] = std::ldexp(1.0f, 23 - (bits == 2 ? offset_bit_of<2>(c) : offset_bit_of<3>(c))); });
+  const double half = double(1 << (bits - 1));
   at::Tensor xs = at::empty({M, K}, x.options().dtype(at::kFloat));
   at::Tensor corr = at::empty({M, groups}, x.options().dtype(at::kFloat));
   const float* xp = x.data_ptr<float>();
@@ -799,8 +782,8 @@ std::pair<at::Tensor, at::Tensor> prescale_for_offset(const at::Tensor& x, int64
       double sum = 0.0;
       for (int64_t k = g * group; k < (g + 1) * group; ++k) {
         const float value = xp[m * K + k];
-        sp[m * K + k] = value * factor[k % 16];
-        sum += double(value) * (double(factor[k % 16]) + 2.0);
+        sp[m * K + k] = value * factor[k % 32];
+        sum += double(value) * (double(factor[k % 32]) + half);
       }
       cp[m * groups + g] = float(sum);
     }
@@ -866,13 +849,13 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& low, const c10::opti
               "gsq_cpu: x must be fp32, bf16 or fp16, got ", x.scalar_type());
   Isa isa = usable_isa();
   if (isa >= Isa::kAvx512Bf16 && x.scalar_type() != at::kBFloat16) isa = Isa::kAvx512;
-  // 2-bit weights on AVX-512 below the tiles' row count: codes read as floats (gemm_block_512)
-  const bool offset = bits == 2 && isa >= Isa::kAvx512 && !(isa == Isa::kAmx && M >= kAmxMinRows);
-  // the bf16 paths read bf16 x as it is; the fp32 paths read fp32 (bf16/fp16 widened, exactly)
+  // AVX-512 below the tiles' row count: codes read as floats (gemm_block_512)
+  const bool offset = isa >= Isa::kAvx512 && !(isa == Isa::kAmx && M >= kAmxMinRows);
+  // the tiles read bf16 x as it is; the other paths read fp32 (bf16/fp16 widened, exactly)
   const bool bf16_x = isa >= Isa::kAvx512Bf16 && !offset;
   at::Tensor xin = bf16_x ? x.contiguous() : x.to(at::kFloat).contiguous();
   at::Tensor corr;
-  if (offset) std::tie(xin, corr) = prescale_for_offset(xin, group);
+  if (offset) std::tie(xin, corr) = prescale_for_offset(xin, group, bits);
   const float* cp = offset ? corr.data_ptr<float>() : nullptr;
   const void* xp = xin.data_ptr();
   const int32_t* lp = low.data_ptr<int32_t>();
@@ -894,9 +877,8 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& low, const c10::opti
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N / 16, grain, [&](int64_t begin, int64_t end) {
-    // here with AMX at most 16 rows: from kAmxMinRows rows on through the tiles, fewer on dot products
+    // here with AMX at most 16 rows: from kAmxMinRows rows on through the tiles, fewer read as floats
     const bool tiles = isa == Isa::kAmx && M >= kAmxMinRows;
-    const Isa block_isa = isa == Isa::kAmx ? Isa::kAvx512Bf16 : isa;
     if (tiles) load_tile_config(M);
     for (int64_t b = begin; b < end; ++b) {
       const int32_t* lb = lp + b * K;  // K/16 words of 16 lanes
@@ -907,9 +889,9 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& low, const c10::opti
       } else if (tiles) {
         gemm_block_amx<3>(static_cast<const uint16_t*>(xp), M, K, K, lb, hb, sb, group, yp, N, 16 * b);
       } else if (bits == 2) {
-        gemm_block<2>(block_isa, xp, M, K, lb, hb, sb, N, group, yp, 16 * b, cp);
+        gemm_block<2>(isa, xp, M, K, lb, hb, sb, N, group, yp, 16 * b, cp);
       } else {
-        gemm_block<3>(block_isa, xp, M, K, lb, hb, sb, N, group, yp, 16 * b, nullptr);
+        gemm_block<3>(isa, xp, M, K, lb, hb, sb, N, group, yp, 16 * b, cp);
       }
     }
     if (tiles) release_tiles();

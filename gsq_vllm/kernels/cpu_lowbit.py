@@ -9,8 +9,9 @@ and 3 at 3 bits. :func:`prepare` builds what they take (:class:`CPUPackedWeight`
 ``layout="cpu"``), cut into blocks of 16 output rows (:func:`~gsq_vllm.kernels.planes.block_rows`)
 so that one thread reads its block's words front to back:
 
-* ``low_plane``  int32 ``[N / 16, K / 16, 16]``: each code's two low bits, 16 codes a word;
-* ``high_plane`` int32 ``[N / 16, K / 32, 16]``, 3-bit only: each code's third bit, 32 a word;
+* ``low_plane``  int32 ``[N / 16, K / 16, 16]``: 2-bit, 16 codes a word; 3-bit, two of the three
+  words that hold each 32 codes (3 bits side by side; planes.py's ``cpu3_fields``);
+* ``high_plane`` int32 ``[N / 16, K / 32, 16]``, 3-bit only: the third word of each 32 codes;
 * ``scales``     fp32  ``[N / 16, K / group_size, 16]``.
 
 N must be a multiple of 16, ``group_size`` one of 32, 64, 128 dividing K (:func:`shape_problem`).
@@ -18,10 +19,9 @@ The ops, registered as ``torch.ops.gsq_cpu.*``:
 
 * ``lowbit_mm(x [M, K], low, high, scales, bits, G) -> [M, N]`` in ``x.dtype`` (fp32, bf16 or
   fp16), fp32 accumulation, for decode-sized M. With bf16 x, 3 rows or more on AMX CPUs go through
-  bf16 tile multiplies; otherwise 2-bit weights on AVX-512 read each code as a float through its
-  bits (one instruction per 16 weights; an fp32 rounding error about 2^8 times the plain path's,
-  far below bf16's), 3-bit weights with bf16 x on AVX-512 BF16 use the bf16 dot-product
-  instruction, and every other case widens x to fp32.
+  bf16 tile multiplies; otherwise AVX-512 reads each code as a float through its bits (one
+  instruction per 16 weights; an fp32 rounding error about 2^8 (2-bit) or 2^9 (3-bit) times the
+  plain path's, far below bf16's), and AVX2 widens x to fp32 and looks the levels up.
 * ``lowbit_dense_mm(x, low, high, scales, bits, G) -> [M, N]``: for large M (prefill): the weight
   rebuilt in one pass into a scratch buffer the op keeps, then PyTorch's dense GEMM (bf16 x on a
   CPU with AVX-512 BF16: a bf16 GEMM; otherwise fp32, since PyTorch's bf16 GEMM without those

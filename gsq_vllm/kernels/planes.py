@@ -24,13 +24,18 @@ from gsq_vllm.weight_format import SERVED_BITS
 # K must be a multiple of 32 (3-bit), 16 (2-bit) or 8 (4-bit); every group size the kernels take
 # (32, 64, 128) makes it so.
 #
-# The CPU kernels (cpu_lowbit.cpp) read the same words with the slots in another order, the
-# ``cpu`` layout (2/3-bit only): even and odd codes side by side in the two 16-bit halves, so one
-# 16-bit shift puts a code pair (k, k+1) in the low bits of both halves (a bf16 pair for the dot
-# product instruction), and one 32-bit shift puts any single code in the low bits:
+# The CPU kernels (cpu_lowbit.cpp) read the same shapes with the bits in another order, the
+# ``cpu`` layout (2/3-bit only), made for SIMD lanes that each hold one output row:
 #
-# * low plane: ``i = k % 16``; even ``i = 2j`` at bit ``2j``, odd ``i = 2j + 1`` at bit ``16 + 2j``.
-# * high plane: ``c = k % 32``, ``h = c // 16``, ``i = c % 16 = 2j + p``; at bit ``16p + 8h + j``.
+# * 2-bit: ``i = k % 16``; even ``i = 2j`` at bit ``2j``, odd ``i = 2j + 1`` at bit ``16 + 2j``:
+#   one 16-bit shift puts a code pair (k, k+1) in the low bits of both halves (a bf16 pair for the
+#   dot-product instruction), one 32-bit shift any single code in the low bits.
+# * 3-bit: each code's three bits side by side, so that one shift and one bitwise instruction make
+#   a code a float (its bits in the mantissa of 1.0). A chunk of 32 codes ``c = k % 32`` fills
+#   three words: low plane rows ``2t`` and ``2t + 1`` and high plane row ``t`` (``t = k // 32``).
+#   Code ``c < 30`` sits in word ``c // 10`` at bit ``3 * (c % 10)`` (plus 2 in the high word);
+#   codes 30 and 31 keep their two low bits at bits 30-31 of the two low words and their third
+#   bits at bits 0 and 1 of the high word (:func:`cpu3_fields` lists every field).
 #
 # and stored in blocks of 16 output rows (:func:`block_rows`): ``[N // 16, words, 16]``, so that
 # one CPU thread reads its rows' words front to back instead of one 64-byte piece per 4 KiB page.
@@ -83,6 +88,11 @@ def pack_kernel_planes(
     low_bits = 2 if num_bits in (2, 3) else 4
     for start in range(0, rows, _KERNEL_ROW_CHUNK):
         unsigned = codes[start : start + _KERNEL_ROW_CHUNK].to(torch.int64).t() - low  # [K, n]
+        if layout == "cpu" and num_bits == 3:
+            words = _pack_cpu3(unsigned)
+            low_plane[:, start : start + _KERNEL_ROW_CHUNK] = to_int32(words[:, :2].reshape(-1, words.shape[2]))
+            high_plane[:, start : start + _KERNEL_ROW_CHUNK] = to_int32(words[:, 2])
+            continue
         low_plane[:, start : start + _KERNEL_ROW_CHUNK] = _pack_plane(
             unsigned & ((1 << low_bits) - 1), _plane_shifts(low_bits, unsigned.device, layout)
         )
@@ -114,6 +124,9 @@ def unpack_kernel_planes(
             f"high_plane must be int32 {expected_high}, got "
             f"{high_plane.dtype} {tuple(high_plane.shape)}"
         )
+    if layout == "cpu" and num_bits == 3:
+        words = torch.stack([low_plane[0::2], low_plane[1::2], high_plane], dim=1)
+        return (_unpack_cpu3(words) + code_range(num_bits)[0]).t().contiguous().to(torch.int8)
     low_bits = 2 if num_bits in (2, 3) else 4
     unsigned = _unpack_plane(low_plane, low_bits, _plane_shifts(low_bits, low_plane.device, layout))
     if high_plane is not None:
@@ -138,13 +151,36 @@ def _check_layout(layout: str, num_bits: int) -> None:
         raise PackingError(f"the cpu plane layout holds 2/3-bit codes, got {num_bits}-bit")
 
 
+def cpu3_fields() -> list[tuple[int, int, int, int, int]]:
+    """The 3-bit ``cpu`` layout, one entry per bit field: ``(code, word, bit, code_bit, width)``:
+    bits ``code_bit .. code_bit + width - 1`` of unsigned code ``code`` (0-31 in its chunk) sit at
+    bit ``bit`` of chunk word ``word`` (0, 1: the low plane's two rows; 2: the high plane's row)."""
+    whole = [(c, c // 10, 3 * (c % 10) + (2 if c >= 20 else 0), 0, 3) for c in range(30)]
+    return whole + [(30, 0, 30, 0, 2), (30, 2, 0, 2, 1), (31, 1, 30, 0, 2), (31, 2, 1, 2, 1)]
+
+
+def _pack_cpu3(unsigned: torch.Tensor) -> torch.Tensor:
+    """Unsigned 3-bit codes ``[K, n]`` -> int64 words ``[K // 32, 3, n]`` (:func:`cpu3_fields`)."""
+    chunks = unsigned.reshape(-1, 32, unsigned.shape[1])
+    words = torch.zeros(chunks.shape[0], 3, chunks.shape[2], dtype=torch.int64, device=unsigned.device)
+    for code, word, bit, code_bit, width in cpu3_fields():
+        words[:, word] |= ((chunks[:, code] >> code_bit) & ((1 << width) - 1)) << bit
+    return words
+
+
+def _unpack_cpu3(words: torch.Tensor) -> torch.Tensor:
+    """int32 words ``[K // 32, 3, n]`` -> unsigned int64 codes ``[K, n]`` (inverse of _pack_cpu3)."""
+    words = words.to(torch.int64) & 0xFFFFFFFF
+    codes = torch.zeros(words.shape[0], 32, words.shape[2], dtype=torch.int64, device=words.device)
+    for code, word, bit, code_bit, width in cpu3_fields():
+        codes[:, code] |= ((words[:, word] >> bit) & ((1 << width) - 1)) << code_bit
+    return codes.reshape(-1, words.shape[2])
+
+
 def _plane_shifts(plane_bits: int, device: torch.device, layout: str = "triton") -> torch.Tensor:
     """Bit offset of each code slot within its word (the 1-bit plane's order is permuted)."""
     slot = torch.arange(32 // plane_bits, dtype=torch.int64, device=device)
-    if layout == "cpu":
-        if plane_bits == 1:
-            half, pair, parity = slot // 16, (slot % 16) // 2, slot % 2
-            return 16 * parity + 8 * half + pair
+    if layout == "cpu":  # 2-bit (the 3-bit cpu layout is cpu3_fields)
         return 16 * (slot % 2) + 2 * (slot // 2)
     if plane_bits == 1:
         return 16 * (slot // 16) + 2 * (slot % 8) + (slot % 16) // 8

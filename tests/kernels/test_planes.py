@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gsq_vllm.kernels.planes import pack_kernel_planes, unpack_kernel_planes
+from gsq_vllm.kernels.planes import cpu3_fields, pack_kernel_planes, unpack_kernel_planes
 from gsq_vllm.packing import PackingError, code_range, pack_codes, unpack_codes
 
 
@@ -26,13 +26,14 @@ def random_codes(n: int, k: int, bits: int, seed: int) -> torch.Tensor:
 )
 def test_round_trip(bits, n, k_units, seed):
     codes = random_codes(n, 32 * k_units, bits, seed)
-    low, high = pack_kernel_planes(codes, bits)
-    assert low.dtype == torch.int32
-    assert low.shape == (32 * k_units // (8 if bits == 4 else 16), n)
-    assert (high is None) == (bits != 3)
-    if high is not None:
-        assert high.shape == (k_units, n)
-    assert torch.equal(unpack_kernel_planes(low, high, bits), codes)
+    for layout in ("triton", "cpu") if bits != 4 else ("triton",):
+        low, high = pack_kernel_planes(codes, bits, layout)
+        assert low.dtype == torch.int32
+        assert low.shape == (32 * k_units // (8 if bits == 4 else 16), n)
+        assert (high is None) == (bits != 3)
+        if high is not None:
+            assert high.shape == (k_units, n)
+        assert torch.equal(unpack_kernel_planes(low, high, bits, layout), codes)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -73,6 +74,40 @@ def test_documented_bit_positions(bits):
             assert torch.equal(planes[plane], expected), (bits, k, bit)
             for other in {"low", "high"} - {plane}:
                 assert planes[other] is None or not planes[other].any()
+
+
+def test_cpu3_fields_tile_three_words_exactly():
+    """The 3-bit cpu layout: 32 codes x 3 bits fill three 32-bit words, every bit used once."""
+    seen_word_bits, seen_code_bits = set(), set()
+    for code, word, bit, code_bit, width in cpu3_fields():
+        for i in range(width):
+            seen_word_bits.add((word, bit + i))
+            seen_code_bits.add((code, code_bit + i))
+    assert seen_word_bits == {(w, b) for w in range(3) for b in range(32)}
+    assert seen_code_bits == {(c, b) for c in range(32) for b in range(3)}
+
+
+def test_cpu3_documented_bit_positions():
+    """Every bit of every code of the 3-bit cpu layout lands where cpu3_fields says: words 0 and 1
+    of chunk t are low plane rows 2t and 2t + 1, word 2 is high plane row t."""
+    k_size, n = 64, 3
+    for k in range(k_size):
+        chunk, code = divmod(k, 32)
+        for code_bit in range(3):
+            codes = torch.full((n, k_size), -4, dtype=torch.int8)  # unsigned 0 everywhere
+            codes[1, k] = -4 + (1 << code_bit)
+            low, high = pack_kernel_planes(codes, 3, "cpu")
+            (word, position), = [
+                (w, b + code_bit - first)
+                for c, w, b, first, width in cpu3_fields()
+                if c == code and first <= code_bit < first + width
+            ]
+            plane, row = (high, chunk) if word == 2 else (low, 2 * chunk + word)
+            expected = torch.zeros_like(plane)
+            expected[row, 1] = (1 << position) - (1 << 32) if position == 31 else 1 << position
+            assert torch.equal(plane, expected), (k, code_bit)
+            other = low if word == 2 else high
+            assert not other.any()
 
 
 @pytest.mark.parametrize("bits, k", [(3, 48), (2, 24), (4, 12)])
