@@ -193,9 +193,11 @@ def shapes_serve_table(payload: dict) -> str:
             ratios.append(f"{shape}: " + ", ".join(found))
     if ratios:
         lines += ["", "Decode at batch 1, ratios: " + "; ".join(ratios) + "."]
-    if any(r.get("extra_buffers") is False for r in payload["results"]):
-        lines += ["", "(†) llama.cpp died with SIGILL in its default weight layouts for this format (its AMX repacking) "
-                      "on this machine, so the row runs without its extra layouts (AMX and repacked)."]
+    deaths = sorted({re.search(r"died with (\w+)", r.get("note", "")).group(1) if "died with" in r.get("note", "") else "a signal"
+                     for r in payload["results"] if r.get("extra_buffers") is False})
+    if deaths:
+        lines += ["", f"(†) llama.cpp died ({' / '.join(deaths)}) in its default weight layouts for this format (its AMX "
+                      "repacking) on this machine, so the row runs without its extra layouts (AMX and repacked)."]
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -126,6 +127,10 @@ def _text_ids(count: int, length: int) -> list[list[int]]:
     return serve_throughput._text_ids(AutoTokenizer.from_pretrained(str(default_model_dir())), count, length)
 
 
+# the signals llama.cpp's AMX repacking has died with here (return codes of a killed child)
+LAYOUT_DEATHS = {-signal.SIGILL: "SIGILL", -signal.SIGSEGV: "SIGSEGV"}
+
+
 def run_llama(shape: str, gguf_type: str, convert_script: Path, log_dir: Path) -> dict:
     record = {"engine": "llama.cpp", "shape": shape, "model": f"{shape}-{gguf_type}", "kernel": f"llama.cpp {gguf_type.upper()}",
               "format": gguf_type}
@@ -137,7 +142,9 @@ def run_llama(shape: str, gguf_type: str, convert_script: Path, log_dir: Path) -
             "long": _text_ids(serve_throughput.PREFILL_PROMPTS, serve_throughput.PREFILL_LEN)}
     log = log_dir / f"{record['model']}-llama-cpp.log"
     # llama.cpp first as it runs by default; where its extra weight layouts kill it (its AMX repacking
-    # of Q4_0 dies with SIGILL on this project's AMX virtual machines), again without them, and said so
+    # of Q4_0 and Q2_K dies with SIGILL or SIGSEGV on this project's AMX virtual machines), again
+    # without them, and said so
+    first_death = ""
     for extra_buffers in (True, False):
         with open(log, "w") as handle:
             try:
@@ -148,11 +155,12 @@ def run_llama(shape: str, gguf_type: str, convert_script: Path, log_dir: Path) -
                 return {**record, "error": f"timed out after {LLAMA_CHILD_TIMEOUT_S} s (log {log})"}
         lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
         if result.returncode == 0 and lines:
-            extra = {} if extra_buffers else {"note": "died with SIGILL using llama.cpp's extra weight layouts "
-                                                      "(AMX / repacked); measured without them"}
+            extra = {} if extra_buffers else {"note": f"died with {first_death} using llama.cpp's extra weight "
+                                                      "layouts (AMX / repacked); measured without them"}
             return {**record, **json.loads(lines[-1][len("RESULT "):]), "extra_buffers": extra_buffers, **extra}
-        if result.returncode != -4:  # not an illegal instruction: no second try
+        if result.returncode not in LAYOUT_DEATHS:  # not how its repacking dies: no second try
             break
+        first_death = LAYOUT_DEATHS[result.returncode]
     return {**record, "error": f"exit {result.returncode} (log {log})"}
 
 

@@ -1,8 +1,11 @@
 """The arithmetic of benchmarks/serve_shapes.py that its rows stand on: what a decode step reads,
-its bandwidth bound, and the cores each tensor-parallel rank gets (the engines themselves run in
-tests/serving/test_tensor_parallel.py and in the benchmark)."""
+its bandwidth bound, the cores each tensor-parallel rank gets and llama.cpp's second try (the
+engines themselves run in tests/serving/test_tensor_parallel.py and in the benchmark)."""
 
 from __future__ import annotations
+
+import json
+import subprocess
 
 import pytest
 
@@ -45,3 +48,31 @@ def test_a_run_of_one_shape_keeps_the_other_shapes_rows_and_their_run(serve_shap
     again = serve_shapes.merge_runs(second, ["1b"], [{"shape": "1b", "format": "gsq-w3"}], {"note": "third"})
     assert [(r["shape"], r["format"]) for r in again["results"]] == [("8b", "gsq-w2"), ("1b", "gsq-w3")]
     assert set(again["shapes"]) == {"1b", "8b"} and again["runs"]["1b"]["note"] == "third"
+
+
+@pytest.mark.parametrize(("death", "name"), [(-4, "SIGILL"), (-11, "SIGSEGV")])
+def test_llama_cpp_killed_in_its_extra_layouts_is_run_again_without_them(serve_shapes, monkeypatch, tmp_path,
+                                                                          death, name):
+    """llama.cpp's AMX repacking has died with SIGILL on one machine and SIGSEGV on another: either
+    way the row is measured again without the extra layouts, and says so; other failures are not retried."""
+    calls = []
+
+    def fake_run(command, **kwargs):
+        extra = json.loads(command[-1])["extra_buffers"]
+        calls.append(extra)
+        if extra:
+            return subprocess.CompletedProcess(command, death, stdout="")
+        return subprocess.CompletedProcess(command, 0, stdout='RESULT {"decode_tok_s_bs1": 1.5}\n')
+
+    monkeypatch.setattr(serve_shapes, "gguf_file", lambda *args: tmp_path / "model.gguf")
+    monkeypatch.setattr(serve_shapes, "_text_ids", lambda count, length: [[1] * length] * count)
+    monkeypatch.setattr(serve_shapes.subprocess, "run", fake_run)
+    row = serve_shapes.run_llama("1b", "q4_0", tmp_path / "convert.py", tmp_path)
+    assert calls == [True, False]
+    assert row["decode_tok_s_bs1"] == 1.5 and row["extra_buffers"] is False and name in row["note"]
+
+    calls.clear()
+    monkeypatch.setattr(serve_shapes.subprocess, "run",
+                        lambda command, **kwargs: calls.append(1) or subprocess.CompletedProcess(command, 1, stdout=""))
+    row = serve_shapes.run_llama("1b", "q4_0", tmp_path / "convert.py", tmp_path)
+    assert calls == [1] and row["error"].startswith("exit 1")
