@@ -18,7 +18,7 @@
 //   scales     fp32  [N/16, K/G, 16]: scales[b][g][r] scales group g of output row 16b + r
 // 2-bit: word w holds codes k = 16w .. 16w+15, code i = k%16 = 2j + p at bit 16p + 2j: even and
 // odd codes in the two 16-bit halves, so one 16-bit shift puts a pair (k, k+1) in the low bits of
-// both halves (the bf16 pair a dot-product instruction takes) and one 32-bit shift any one code.
+// both halves (the bf16 pair an AMX tile multiply takes) and one 32-bit shift any one code.
 // 3-bit: a chunk of 32 codes c = k%32 fills three words, a = low word 2t, b = low word 2t+1 and
 // c = high word t (t = k/32): code c < 30 whole in word c/10 at bit 3(c%10) (+2 in the high word);
 // codes 30 and 31 with their low two bits at bits 30-31 of a and b, their third bits at bits 0

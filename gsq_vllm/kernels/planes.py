@@ -29,7 +29,7 @@ from gsq_vllm.weight_format import SERVED_BITS
 #
 # * 2-bit: ``i = k % 16``; even ``i = 2j`` at bit ``2j``, odd ``i = 2j + 1`` at bit ``16 + 2j``:
 #   one 16-bit shift puts a code pair (k, k+1) in the low bits of both halves (a bf16 pair for the
-#   dot-product instruction), one 32-bit shift any single code in the low bits.
+#   AMX tile multiply), one 32-bit shift any single code in the low bits.
 # * 3-bit: each code's three bits side by side, so that one shift and one bitwise instruction make
 #   a code a float (its bits in the mantissa of 1.0). A chunk of 32 codes ``c = k % 32`` fills
 #   three words: low plane rows ``2t`` and ``2t + 1`` and high plane row ``t`` (``t = k // 32``).
