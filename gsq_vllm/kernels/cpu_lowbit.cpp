@@ -34,7 +34,7 @@
 // * offset path (any activation dtype on AVX-512F, below the AMX row count; the default there):
 //   the code's bits placed in the mantissa of 1.0f make the float 1 + u * 2^-e with one bitwise
 //   instruction, x comes prescaled by 2^e and each group's sum corrected by a per-row constant
-//   (gemm_block_512's OFFSET: faster, a little less precise).
+//   (gemm_block_512: faster than a table lookup, a little less precise).
 // * AMX path (bf16 activations, 3 rows or more, CPUs with AMX tiles): the codes unpacked to bf16
 //   levels, pairs (k, k+1) in the two 16-bit halves of a lane, stored as a 16 x 32 bf16 weight
 //   tile per 32 inputs, and one tile multiply (tdpbf16ps) for up to 16 rows: the unpacking is paid
