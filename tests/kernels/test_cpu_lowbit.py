@@ -47,6 +47,16 @@ def test_lowbit_mm_is_bit_identical_to_dequantise_then_matmul_in_fp32(isa, bits,
     assert torch.equal(out, reference_matmul(x, codes, scales, group_size))
 
 
+@pytest.mark.parametrize("n", [16, 32, 64, 80, 144, 400])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_row_at_two_bits_is_bit_identical_for_any_number_of_row_blocks(isa, n, dtype):
+    """One row of 2-bit codes on AVX-512 reads tables of pair sums, four blocks of 16 outputs per
+    table: block counts that leave one, two or three blocks over, on each thread's share."""
+    codes, scales, x = exact_problem(1, n, 512, 2, 128, dtype, seed=n, scale_dtype=torch.float32)
+    out = cpu_lowbit.lowbit_mm(x, cpu_lowbit.prepare(codes, scales, 2, 128))
+    assert torch.equal(out, reference_matmul(x, codes, scales, 128))
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_dense_mm_for_large_batches_is_bit_identical_too(isa, bits, dtype):
@@ -84,10 +94,11 @@ def test_lowbit_mm_on_real_valued_bf16_inputs_a_layer_sized_like_the_default_mod
 
 @pytest.mark.parametrize("k", [576, 8192])
 def test_lowbit_mm_error_on_real_valued_inputs_stays_within_its_stated_bound(isa, k):
-    """Real-valued x with outlier channels against a float64 product. The AVX-512 path (codes
-    read as floats, x prescaled by up to 2^8 at 2 bits, 2^9 at 3) rounds sums that much larger than
-    the products: its error must stay below 2^-14 of sum |x w| (measured: about 1e-6 to 5e-6 of
-    it at 2 bits, 1e-6 to 7e-6 at 3), the AVX2 path's below 2^-20."""
+    """Real-valued x with outlier channels against a float64 product. The AVX-512 path for 2-3
+    rows (codes read as floats, x prescaled by up to 2^8 at 2 bits, 2^9 at 3) rounds sums that much
+    larger than the products: its error must stay below 2^-14 of sum |x w| (measured: about 1e-6
+    to 5e-6 of it at 2 bits, 1e-6 to 7e-6 at 3); the AVX2 path's, and the one-row 2-bit tables'
+    (plain fp32 sums), below 2^-20."""
     generator = torch.Generator().manual_seed(k)
     for bits in (2, 3):
         low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -96,10 +107,14 @@ def test_lowbit_mm_error_on_real_valued_inputs_stays_within_its_stated_bound(isa
         x = torch.randn(2, k, generator=generator)
         x[:, :8] *= 30
         weight = dequantize(codes, scales).double()
-        exact = x.double() @ weight.t()
-        out = cpu_lowbit.lowbit_mm(x.float(), cpu_lowbit.prepare(codes, scales, bits, 64)).double()
-        bound = 2.0**-14 if isa != "avx2" else 2.0**-20
-        assert ((out - exact).abs() / (x.double().abs() @ weight.abs().t())).max() < bound, (bits, isa)
+        packed = cpu_lowbit.prepare(codes, scales, bits, 64)
+        for rows in (1, 2):
+            exact = x[:rows].double() @ weight.t()
+            out = cpu_lowbit.lowbit_mm(x[:rows].float(), packed).double()
+            plain_sums = isa == "avx2" or (bits == 2 and rows == 1)
+            bound = 2.0**-20 if plain_sums else 2.0**-14
+            error = ((out - exact).abs() / (x[:rows].double().abs() @ weight.abs().t())).max()
+            assert error < bound, (bits, rows, isa, error)
 
 
 @pytest.mark.parametrize(
