@@ -35,6 +35,7 @@ VARIANTS = {
     "lr 2e-3 (the previous default)": dict(lr_logits=2e-3),
     "lr 5e-4": dict(lr_logits=5e-4),
     "lr 5e-4, 200 steps": dict(lr_logits=5e-4, steps=200),
+    "lr 5e-4, 4096 tokens/step (gsq3-lr-half-4x-tokens)": dict(lr_logits=5e-4, tokens_per_step=4096),
     "prior strength 6 (the authors')": dict(prior_strength=6.0),
     "prior strength 20": dict(prior_strength=20.0),
     "4096 tokens/step": dict(tokens_per_step=4096),

@@ -135,6 +135,10 @@ ABLATIONS: dict[str, Method] = {
                                 label="layer-wise, compressed-tensors' clipped grid", ablation=True),
     "gsq3-calib4x": Method("gsq", 3, "gsq_w3a16_g64", dict(_LAYERWISE), calibration={"samples": 512},
                            label="layer-wise, 4x calibration (512 x 512 tokens)", ablation=True),
+    "gsq3-lr-half-4x-tokens": Method("gsq", 3, "gsq_w3a16_g64",
+                                     {"GSQModifier": {"lr_logits": 5e-4, "tokens_per_step": 4096}},
+                                     label="default, layer-wise logits lr halved (5e-4) on 4x the tokens per step "
+                                           "(4096)", ablation=True),
     "gsq3-e2e-scales-only": Method("gsq", 3, "gsq_w3a16_g64", {"GSQEndToEndModifier": {"tune_norms": False}},
                                    label="default, end-to-end stage on scales only (norms frozen)", ablation=True),
 }
