@@ -139,6 +139,8 @@ ABLATIONS: dict[str, Method] = {
                                      {"GSQModifier": {"lr_logits": 5e-4, "tokens_per_step": 4096}},
                                      label="default, layer-wise logits lr halved (5e-4) on 4x the tokens per step "
                                            "(4096)", ablation=True),
+    "gsq3-lr-half": Method("gsq", 3, "gsq_w3a16_g64", {"GSQModifier": {"lr_logits": 5e-4}},
+                           label="default, layer-wise logits lr halved (5e-4; same 1024 tokens a step)", ablation=True),
     "gsq3-e2e-scales-only": Method("gsq", 3, "gsq_w3a16_g64", {"GSQEndToEndModifier": {"tune_norms": False}},
                                    label="default, end-to-end stage on scales only (norms frozen)", ablation=True),
 }
